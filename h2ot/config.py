@@ -1,0 +1,277 @@
+"""Typed configuration: dataclasses, YAML loading and `--set a.b=value` overrides.
+
+Every YAML file names its `kind` (model, train, tune, ...); the dotted override keys mirror the YAML nesting
+(`--set train.epochs=2`, `--set model.schedule=[[3,81]]`). Configs travel to Ray as plain dicts
+(`dataclasses.asdict`) and are rebuilt with `config_from_dict` on the other side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- model
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Paper size (MixSTE CVPR'22): 8 loops of spatial + temporal blocks, 512 wide, 243 frames.
+    "mixste": dict(backbone="mixste", frames=243, dim=512, depth=8, heads=8, mlp_ratio=2.0,
+                   schedule=[[2, 81], [4, 41], [6, 21]]),
+    # CPU-size presets; their schedules are chosen by the training measurements in docs/RESULTS.md.
+    "mixste_small": dict(backbone="mixste", frames=81, dim=64, depth=4, heads=4, mlp_ratio=2.0,
+                         schedule=[[1, 27], [2, 9]]),
+    "mixste_tiny": dict(backbone="mixste", frames=27, dim=32, depth=2, heads=2, mlp_ratio=2.0,
+                        schedule=[[1, 9]]),
+}
+
+
+@dataclass
+class ModelConfig:
+    """What `h2ot.models.build_model` builds. Shapes: input [B, T=frames, J=joints, in_channels]."""
+
+    backbone: str = "mixste"
+    preset: str | None = None  # fills every field not given explicitly (see MODEL_PRESETS)
+    frames: int = 243
+    joints: int = 17
+    in_channels: int = 2  # 2: (x, y); 3: (x, y, confidence)
+    dim: int = 512
+    depth: int = 8
+    heads: int = 8
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    # Hierarchical pruning: [[block, tokens], ...], blocks counted from 0; [] = full model, one stage = HoT.
+    schedule: list[list[int]] = field(default_factory=list)
+    tpm: str = "dpc_knn"  # token pruning strategy (h2ot.pruning.TPM_REGISTRY)
+    tpm_k: int = 2  # neighbours of DPC-kNN
+    tpm_seed: int = 0  # seed of the `random` strategy
+    trm: str = "cross_attention"  # token recovering strategy (h2ot.recovery.TRM_REGISTRY)
+    seq2frame: bool = False  # output only the centre frame
+
+    @property
+    def stages(self) -> list[tuple[int, int]]:
+        return [(int(b), int(n)) for b, n in self.schedule]
+
+
+# --------------------------------------------------------------------------------------------- training
+@dataclass
+class LossConfig:
+    """The paper's seq2seq loss: L = wMPJPE + tc_weight * TC + velocity_weight * MPJVE."""
+
+    tc_weight: float = 0.5
+    velocity_weight: float = 2.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    steps_per_epoch: int | None = None  # cap, so budgets are comparable and schedulers get points
+    batch_size: int = 16  # clips per worker
+    lr: float = 5e-4
+    lr_decay: float = 0.99  # multiplied in every epoch
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    flip_augment: bool = True
+    test_flip: bool = True
+    amp: bool = True  # only on GPU
+    seed: int = 0
+    eval_batch_size: int = 64
+    eval_max_windows: int | None = None  # cap on test windows per evaluation (None: all)
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 2
+    use_gpu: bool | None = None  # None: use a GPU when the cluster has one
+    cpus_per_worker: float = 0.5  # < 1 leaves CPUs for Ray Data (ECOSYSTEM.md: starvation otherwise)
+    gpus_per_worker: float = 1.0
+    torch_threads: int = 1
+
+
+@dataclass
+class RunSettings:
+    name: str | None = None  # default: derived from backbone, schedule and data
+    experiment: str = "h2ot"
+    storage_path: str | None = None  # default: RUN_DIR/ray; a shared path (NFS, s3://) on a cluster
+    max_failures: int = 1
+    num_to_keep: int = 2
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+@dataclass
+class ModelFileConfig:
+    kind: str = "model"
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+CONFIG_KINDS: dict[str, type] = {"model": ModelFileConfig, "train": TrainConfig}
+
+
+def register_config_kind(kind: str, cls: type) -> None:
+    CONFIG_KINDS[kind] = cls
+
+
+# --------------------------------------------------------------------------------------------- building
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Coerce/validate a YAML value against a type hint; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        return [_check_value(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    if cls is ModelConfig and data.get("preset") is not None:
+        preset = data["preset"]
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"{prefix}preset: unknown preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
+        data = {**MODEL_PRESETS[preset], **data}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
+    kwargs = {k: _check_value(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], kind: str | None = None) -> Any:
+    """Build the typed config for `data` (its `kind` key, or `kind`), validating every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+    kind = data.get("kind", kind)
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"kind: unknown config kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
+    return _build(CONFIG_KINDS[kind], {**data, "kind": kind})
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.subkey=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Set dotted keys (`optim.epochs=2`) in a nested dict; values are parsed as YAML."""
+    data = _deep_copy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> Any:
+    """YAML file (+ `--set` overrides) -> typed config. Errors name the file and the bad key."""
+    data = apply_overrides(load_yaml(path), overrides)
+    if kind is not None and data.get("kind", kind) != kind:
+        raise ConfigError(f"{path}: kind is {data.get('kind')!r}, expected {kind!r}")
+    try:
+        return config_from_dict(data, kind)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain dict of a config dataclass (what is handed to Ray and stored in checkpoints)."""
+    return dataclasses.asdict(cfg)

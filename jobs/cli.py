@@ -1,0 +1,40 @@
+"""The `h2ot` command line: one dispatcher over every subcommand.
+
+Each subcommand is a module with `main(argv: list[str] | None) -> int`, imported only when it runs, so
+`h2ot bench` never imports Ray. `h2ot train ...` and `python -m jobs.train ...` are the same program,
+which is what `ray job submit -- python -m jobs.<name>` relies on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Later work adds lines here.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: h2ot <command> [options]   (h2ot <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"h2ot: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

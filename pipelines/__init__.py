@@ -1,0 +1,1 @@
+"""Ray Data pipelines: raw pose datasets -> Parquet sliding-window shards with a manifest."""
