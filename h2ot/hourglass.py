@@ -1,0 +1,66 @@
+"""The Hierarchical Hourglass Tokenizer wrapped around any backbone's block loop.
+
+A backbone calls `start` on its [B, T, J, C] tokens, `before_block(x, i, state)` before each block i (a TPM
+prunes there when the schedule says so) and `finish` after the last block (the TRM restores T frames, or a
+seq2frame model keeps the centre frame). Pruning is configured, never forked into model files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from h2ot.config import ModelConfig
+from h2ot.pruning import build_tpm
+from h2ot.recovery import build_trm
+from h2ot.schedule import validate_schedule
+
+
+@dataclass
+class HourglassState:
+    frames: int
+    frame_indices: torch.Tensor  # [B, T'] original positions of the current tokens
+    kept_indices: list[torch.Tensor] = field(default_factory=list)
+    context: dict = field(default_factory=dict)  # e.g. attention maps for attention-based pruning
+
+
+class Hourglass(nn.Module):
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
+        self.stage_of_block = {block: i for i, (block, _) in enumerate(self.stages)}
+        self.pruner = build_tpm(cfg) if self.stages else None
+        # A new zero-initialised temporal position code for the n tokens of each stage.
+        self.stage_pos = nn.ParameterList([nn.Parameter(torch.zeros(1, n, 1, dim)) for _, n in self.stages])
+        self.recovery = build_trm(cfg, dim) if self.stages and not cfg.seq2frame else None
+
+    def prunes_before(self, block: int) -> bool:
+        return block in self.stage_of_block
+
+    def start(self, x: torch.Tensor) -> HourglassState:
+        b, t = x.shape[:2]
+        return HourglassState(frames=t, frame_indices=torch.arange(t, device=x.device).expand(b, t))
+
+    def before_block(self, x: torch.Tensor, block: int, state: HourglassState) -> torch.Tensor:
+        stage = self.stage_of_block.get(block)
+        if stage is None:
+            return x
+        n = self.stages[stage][1]
+        must_keep = state.frame_indices == state.frames // 2 if self.cfg.seq2frame else None
+        x, state.frame_indices = self.pruner(x, n, state.frame_indices, must_keep, state.context)
+        state.kept_indices.append(state.frame_indices)
+        return x + self.stage_pos[stage]
+
+    def finish(self, x: torch.Tensor, state: HourglassState) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T', J, C] -> (tokens [B, T_out, J, C], their original frame indices [B, T_out])."""
+        b = x.shape[0]
+        if self.cfg.seq2frame:
+            centre = (state.frame_indices == state.frames // 2).float().argmax(dim=1)  # [B]
+            x = x[torch.arange(b, device=x.device), centre][:, None]
+            return x, torch.full((b, 1), state.frames // 2, device=x.device, dtype=torch.long)
+        if self.recovery is not None:
+            x = self.recovery(x, state.frame_indices, state.frames)
+        return x, torch.arange(state.frames, device=x.device).expand(b, state.frames)

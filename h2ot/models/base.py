@@ -1,0 +1,61 @@
+"""What every model returns, the model registry, and test-time flip averaging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from h2ot.config import ModelConfig
+from h2ot.skeleton import flip_pose
+
+
+@dataclass
+class PoseOutput:
+    """The one output type of every model.
+
+    pose_3d: [B, T_out, J, 3] root-relative camera-frame joints (metres). T_out = T (seq2seq) or 1 (seq2frame).
+    kept_indices: per pruning stage, [B, n_s] ORIGINAL frame indices kept (sorted); [] for a full model.
+    frame_indices: [B, T_out] original frame index of each output frame (arange(T), or the centre).
+    """
+
+    pose_3d: torch.Tensor
+    kept_indices: list[torch.Tensor] = field(default_factory=list)
+    frame_indices: torch.Tensor | None = None
+
+
+MODEL_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable:
+    def decorator(cls: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
+        MODEL_REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_model(cfg: ModelConfig | dict) -> nn.Module:
+    """Build a registered backbone from its config (a ModelConfig or its plain-dict form)."""
+    from h2ot.config import ConfigError, config_from_dict
+
+    if isinstance(cfg, dict):
+        cfg = config_from_dict({"kind": "model", "model": cfg}).model
+    if cfg.backbone not in MODEL_REGISTRY:
+        raise ConfigError(f"model.backbone: unknown backbone {cfg.backbone!r}; known: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[cfg.backbone](cfg)
+
+
+def predict(model: nn.Module, pose_2d: torch.Tensor, test_flip: bool = True) -> PoseOutput:
+    """Run the model; with `test_flip`, average with the mirrored input's (mirrored back) prediction.
+
+    pose_2d: [B, T, J, C]. The kept indices returned are those of the unflipped pass.
+    """
+    out = model(pose_2d)
+    if not test_flip:
+        return out
+    flipped = model(flip_pose(pose_2d))
+    out.pose_3d = (out.pose_3d + flip_pose(flipped.pose_3d)) / 2
+    return out

@@ -1,0 +1,58 @@
+"""MixSTE (CVPR'22) with the Hierarchical Hourglass Tokenizer: alternating spatial and temporal blocks.
+
+Input [B, T, J, in_channels] 2D keypoints (x, y[, confidence]) -> PoseOutput with pose_3d [B, T_out, J, 3].
+Each of the `depth` loops is one spatial block (over the J joints of a frame) and one temporal block (over the
+T' frames of a joint); the schedule's TPMs prune frames before a loop, the TRM restores T at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from h2ot.config import ModelConfig
+from h2ot.hourglass import Hourglass
+from h2ot.layers import Block, from_temporal, spatial_tokens, temporal_tokens
+from h2ot.models.base import PoseOutput, register_model
+
+
+def check_input(x: torch.Tensor, cfg: ModelConfig) -> None:
+    expected = (cfg.frames, cfg.joints, cfg.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+
+
+@register_model("mixste")
+class MixSTE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.embed = nn.Linear(cfg.in_channels, dim)
+        self.spatial_pos = nn.Parameter(torch.zeros(1, 1, cfg.joints, dim))
+        self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.frames, 1, dim))
+        nn.init.trunc_normal_(self.spatial_pos, std=0.02)
+        nn.init.trunc_normal_(self.temporal_pos, std=0.02)
+        drop = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.spatial_blocks = nn.ModuleList(
+            Block(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
+        )
+        self.temporal_blocks = nn.ModuleList(
+            Block(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
+        )
+        self.hourglass = Hourglass(cfg, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> PoseOutput:
+        check_input(x, self.cfg)
+        b, _, j, _ = x.shape
+        h = self.embed(x) + self.spatial_pos + self.temporal_pos
+        state = self.hourglass.start(h)
+        for i in range(self.cfg.depth):
+            h = self.hourglass.before_block(h, i, state)
+            t = h.shape[1]
+            h = self.spatial_blocks[i](spatial_tokens(h)).reshape(b, t, j, -1)
+            h = from_temporal(self.temporal_blocks[i](temporal_tokens(h)), b, j)
+        h, frame_indices = self.hourglass.finish(self.norm(h), state)
+        return PoseOutput(self.head(h), state.kept_indices, frame_indices)

@@ -1,0 +1,102 @@
+"""`h2ot bench --json [--small]`: full MixSTE vs the HoT point vs the default H2OT schedule, side by side.
+
+FLOPs in both conventions (linear = the papers', total = FlopCounterMode + pruning by hand) and clips/s,
+measured in one process on batch 1: interleaved repetitions (full, hot, h2ot, full, ...), warm-up excluded,
+medians. Targets are printed as ratios; nothing here is a timed assertion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from jobs._common import friendly_errors
+
+HOT_POINT_FRACTION = 1 / 3  # HoT keeps 81 of 243 frames before block 3 of 8
+
+
+def _variants(preset: str) -> dict:
+    from h2ot.config import MODEL_PRESETS, config_from_dict
+
+    base = MODEL_PRESETS[preset]
+    frames, depth = base["frames"], base["depth"]
+    hot = [[3 * depth // 8, round(frames * HOT_POINT_FRACTION)]]
+    schedules = {"full": [], "hot": hot, "h2ot": base["schedule"]}
+    return {
+        name: config_from_dict({"kind": "model", "model": {"preset": preset, "schedule": s}}).model
+        for name, s in schedules.items()
+    }
+
+
+def run_bench(preset: str, repeats: int, warmup: int, threads: int | None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from h2ot.flops import model_gflops
+    from h2ot.models import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfgs = _variants(preset)
+    models = {name: build_model(cfg).eval() for name, cfg in cfgs.items()}
+    flops = {name: model_gflops(models[name], cfgs[name]) for name in models}
+    x = torch.randn(1, cfgs["full"].frames, cfgs["full"].joints, cfgs["full"].in_channels)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    progress = tqdm(total=warmup + repeats, desc=f"bench {preset}", unit="rep", file=sys.stderr)
+    with torch.inference_mode(), progress:
+        for rep in range(warmup + repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if rep >= warmup:
+                    times[name].append(time.perf_counter() - start)
+            progress.update(1)
+    cps = {name: 1.0 / statistics.median(t) for name, t in times.items()}
+    out = {"model": preset, "frames": cfgs["full"].frames, "hot_schedule": cfgs["hot"].schedule,
+           "h2ot_schedule": cfgs["h2ot"].schedule}
+    for name in models:
+        out[f"{name}_gflops"] = round(flops[name]["gflops_total"], 3)
+        out[f"{name}_gflops_linear"] = round(flops[name]["gflops_linear"], 3)
+    for name in models:
+        out[f"{name}_clips_per_s"] = round(cps[name], 4)
+    out["flops_ratio"] = round(flops["h2ot"]["gflops_total"] / flops["full"]["gflops_total"], 4)
+    out["flops_ratio_linear"] = round(flops["h2ot"]["gflops_linear"] / flops["full"]["gflops_linear"], 4)
+    out["hot_flops_ratio"] = round(flops["hot"]["gflops_total"] / flops["full"]["gflops_total"], 4)
+    out["hot_flops_ratio_linear"] = round(flops["hot"]["gflops_linear"] / flops["full"]["gflops_linear"], 4)
+    out["predicted_flops_ratio"] = round(
+        flops["h2ot"]["gflops_predicted_total"] / flops["full"]["gflops_predicted_total"], 4
+    )
+    out["throughput_ratio"] = round(cps["h2ot"] / cps["full"], 4)
+    out["hot_throughput_ratio"] = round(cps["hot"] / cps["full"], 4)
+    out["speedup_efficiency"] = round(out["throughput_ratio"] * out["flops_ratio"], 4)
+    out["repeats"] = repeats
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+@friendly_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="h2ot bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
+    parser.add_argument("--small", action="store_true", help="the CPU-size preset mixste_small (fast)")
+    parser.add_argument("--preset", default=None, help="model preset (default mixste, or mixste_small)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per model")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    preset = args.preset or ("mixste_small" if args.small else "mixste")
+    repeats = args.repeats or (20 if preset != "mixste" else 5)
+    result = run_bench(preset, repeats, args.warmup, args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
