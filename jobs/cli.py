@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help). Later work adds lines here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
+    "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
 }
 
 
