@@ -3,6 +3,14 @@
 A backbone calls `start` on its [B, T, J, C] tokens, `before_block(x, i, state)` before each block i (a TPM
 prunes there when the schedule says so) and `finish` after the last block (the TRM restores T frames, or a
 seq2frame model keeps the centre frame). Pruning is configured, never forked into model files.
+
+Attention-based pruning: a backbone asks `attention_sink(i, state)` before running block i's temporal attention;
+when the next block prunes with a strategy that scores frames by attention, that attention records the
+attention each frame receives into `state.context` (see h2ot.layers.ATTENTION_RECEIVED), which the TPM reads.
+
+seq2frame: every TPM keeps the centre frame (must_keep); no TRM. In training mode the model outputs the kept
+frames (the targets of the training loss, with their original indices in `frame_indices`); in eval mode only
+the centre frame [B, 1, J, C] — see h2ot.targets.select_targets.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import torch
 from torch import nn
 
 from h2ot.config import ModelConfig
+from h2ot.layers import ATTENTION_RECEIVED
 from h2ot.pruning import build_tpm
 from h2ot.recovery import build_trm
 from h2ot.schedule import validate_schedule
@@ -40,6 +49,13 @@ class Hourglass(nn.Module):
     def prunes_before(self, block: int) -> bool:
         return block in self.stage_of_block
 
+    def attention_sink(self, block: int, state: HourglassState) -> dict | None:
+        """Where block `block`'s temporal attention records the attention each frame receives: state.context
+        when the next block prunes with an attention-scored TPM, else None (plain SDPA)."""
+        if self.pruner is not None and self.pruner.uses_attention and self.prunes_before(block + 1):
+            return state.context
+        return None
+
     def start(self, x: torch.Tensor) -> HourglassState:
         b, t = x.shape[:2]
         return HourglassState(frames=t, frame_indices=torch.arange(t, device=x.device).expand(b, t))
@@ -51,12 +67,19 @@ class Hourglass(nn.Module):
         n = self.stages[stage][1]
         must_keep = state.frame_indices == state.frames // 2 if self.cfg.seq2frame else None
         x, state.frame_indices = self.pruner(x, n, state.frame_indices, must_keep, state.context)
+        state.context.pop(ATTENTION_RECEIVED, None)  # belongs to the tokens before this stage
         state.kept_indices.append(state.frame_indices)
         return x + self.stage_pos[stage]
 
     def finish(self, x: torch.Tensor, state: HourglassState) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, T', J, C] -> (tokens [B, T_out, J, C], their original frame indices [B, T_out])."""
+        """x: [B, T', J, C] -> (tokens [B, T_out, J, C], their original frame indices [B, T_out]).
+
+        seq2seq: T_out = T (the TRM restores the pruned frames). seq2frame: the kept frames T_out = T' in
+        training mode (their targets make the loss), the centre frame T_out = 1 in eval mode.
+        """
         b = x.shape[0]
+        if self.cfg.seq2frame and self.training:
+            return x, state.frame_indices
         if self.cfg.seq2frame:
             centre = (state.frame_indices == state.frames // 2).float().argmax(dim=1)  # [B]
             x = x[torch.arange(b, device=x.device), centre][:, None]

@@ -6,6 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Key under which an attention layer asked to record (`attn_sink`) adds the attention each key token receives:
+# [N, L] column sums of the softmax weights over heads and queries. The `attention` TPM reads it.
+ATTENTION_RECEIVED = "attention_received"
+
 
 class Attention(nn.Module):
     """Multi-head self-attention over the token axis of x: [N, L, C] -> [N, L, C]."""
@@ -19,10 +23,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_sink: dict | None = None) -> torch.Tensor:
+        """With `attn_sink`, the weights are computed explicitly (SDPA returns none) and their column sums
+        [N, L] are added to attn_sink[ATTENTION_RECEIVED]; the output is the same attention."""
         n, length, dim = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if attn_sink is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            weights = (q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5).softmax(dim=-1)  # [N, H, L, L]
+            received = weights.detach().sum(dim=(1, 2))  # [N, L]: attention each key token receives
+            attn_sink[ATTENTION_RECEIVED] = attn_sink.get(ATTENTION_RECEIVED, 0) + received
+            out = F.dropout(weights, p) @ v
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -84,8 +97,8 @@ class Block(nn.Module):
         self.mlp = MLP(dim, mlp_ratio, dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, attn_sink: dict | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_sink))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

@@ -18,10 +18,6 @@ from h2ot.config import ModelConfig
 
 TPM_REGISTRY: dict[str, type[TokenPruner]] = {}
 
-# Tie-breaks are tiny index-based terms (not noise), so evaluation is deterministic.
-_TIE_EPS = 1e-6
-
-
 def register_tpm(name: str) -> Callable:
     def decorator(cls: type[TokenPruner]) -> type[TokenPruner]:
         TPM_REGISTRY[name] = cls
@@ -37,11 +33,6 @@ def build_tpm(cfg: ModelConfig) -> TokenPruner:
 
         raise ConfigError(f"model.tpm: unknown pruning strategy {cfg.tpm!r}; known: {sorted(TPM_REGISTRY)}")
     return TPM_REGISTRY[cfg.tpm](cfg)
-
-
-def _index_ramp(b: int, t: int, device: torch.device) -> torch.Tensor:
-    """[B, T] values in [0, 1) increasing with the frame position."""
-    return (torch.arange(t, device=device, dtype=torch.float32) / t).expand(b, t)
 
 
 class TokenPruner(nn.Module):
@@ -74,7 +65,8 @@ class TokenPruner(nn.Module):
         scores = self.scores(x, n, context or {}).float()
         if must_keep is not None:
             scores = scores.masked_fill(must_keep, math.inf)
-        local = scores.topk(n, dim=1).indices.sort(dim=1).values  # time order
+        # A stable sort ranks equal scores by frame index, so selection is deterministic.
+        local = scores.argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values  # time order
         kept = torch.gather(x, 1, local[:, :, None, None].expand(b, n, j, c))
         return kept, torch.gather(frame_indices, 1, local)
 
@@ -86,20 +78,24 @@ class DpcKnnPruner(TokenPruner):
     1. frame feature = mean of its joint tokens; 2. distances / sqrt(C); 3. density rho = exp(-mean of the
     squared distances to the k nearest neighbours, self included); 4. delta = distance to the nearest denser
     frame (the densest frame gets the largest distance of the sample); 5. score rho * delta.
+    Ties are broken by frame index (an exact index-based order, not random noise), so evaluation is
+    deterministic.
     """
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
-        b, t, _, c = x.shape
+        t, c = x.shape[1], x.shape[3]
         feat = x.mean(dim=2).float()  # [B, T', C]
         dist = torch.cdist(feat, feat) / math.sqrt(c)  # [B, T', T']
         k = min(self.cfg.tpm_k, t)
         knn_sq = dist.pow(2).topk(k, dim=-1, largest=False).values
-        ramp = _index_ramp(b, t, x.device)
-        density = torch.exp(-knn_sq.mean(dim=-1)) + _TIE_EPS * ramp
-        denser = density[:, None, :] > density[:, :, None]  # [i, j]: j is denser than i
+        density = torch.exp(-knn_sq.mean(dim=-1))
+        # [i, j]: j is denser than i; equal densities are ordered by frame index (exact, deterministic).
+        rho_i, rho_j = density[:, :, None], density[:, None, :]
+        later = torch.arange(t, device=x.device)
+        denser = (rho_j > rho_i) | ((rho_j == rho_i) & (later[None, :] > later[:, None]))
         max_dist = dist.flatten(1).max(dim=1).values[:, None, None]
         delta = torch.where(denser, dist, max_dist).min(dim=-1).values
-        return density * delta + _TIE_EPS * 1e-3 * (1 - ramp)
+        return density * delta
 
 
 @register_tpm("uniform")
@@ -109,6 +105,6 @@ class UniformPruner(TokenPruner):
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         b, t = x.shape[:2]
         picks = torch.linspace(0, t - 1, n, device=x.device).round().long()
-        scores = -_TIE_EPS * _index_ramp(b, t, x.device).clone()
+        scores = torch.zeros(b, t, device=x.device)
         scores[:, picks] = 1.0
         return scores

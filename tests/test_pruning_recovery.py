@@ -1,0 +1,77 @@
+"""TPM and TRM behaviour on constructed sequences."""
+
+from __future__ import annotations
+
+import torch
+
+from h2ot.config import ModelConfig
+from h2ot.pruning import TPM_REGISTRY
+from h2ot.recovery import TRM_REGISTRY
+
+
+def segments_sequence(lengths: list[int], j: int = 4, c: int = 8, seed: int = 0) -> torch.Tensor:
+    """[1, T, J, C]: a few static segments, each a constant random token set."""
+    g = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(1, 1, j, c, generator=g).expand(1, n, j, c) for n in lengths]
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def test_dpc_knn_picks_one_frame_per_static_segment_deterministically() -> None:
+    lengths = [5, 7, 4, 6]
+    x = segments_sequence(lengths)
+    t = x.shape[1]
+    pruner = TPM_REGISTRY["dpc_knn"](ModelConfig(frames=t, tpm_k=2))
+    idx = torch.arange(t)[None]
+    _, kept = pruner(x, len(lengths), idx)
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    segment_of = torch.bucketize(kept[0], bounds[1:], right=True)
+    assert sorted(segment_of.tolist()) == list(range(len(lengths)))
+    _, again = pruner(x, len(lengths), idx)
+    assert torch.equal(kept, again)
+
+
+def test_pruners_keep_sorted_original_positions() -> None:
+    x = torch.randn(2, 20, 17, 8)
+    original = torch.arange(100, 120)[None].expand(2, 20)  # tokens that stand for frames 100..119
+    for name, cls in TPM_REGISTRY.items():
+        tokens, kept = cls(ModelConfig(frames=20))(x, 6, original)
+        assert tokens.shape == (2, 6, 17, 8), name
+        assert torch.all(kept[:, 1:] > kept[:, :-1]), name
+        assert kept.min() >= 100 and kept.max() < 120, name
+        local = kept - 100
+        assert torch.equal(tokens, torch.gather(x, 1, local[:, :, None, None].expand(2, 6, 17, 8))), name
+
+
+def test_uniform_spreads_over_the_sequence() -> None:
+    x = torch.randn(1, 9, 17, 4)
+    _, kept = TPM_REGISTRY["uniform"](ModelConfig(frames=9))(x, 3, torch.arange(9)[None])
+    assert kept[0].tolist() == [0, 4, 8]
+
+
+def test_must_keep_is_always_kept() -> None:
+    x = torch.randn(1, 27, 17, 8)
+    idx = torch.arange(27)[None]
+    for name, cls in TPM_REGISTRY.items():
+        _, kept = cls(ModelConfig(frames=27))(x, 4, idx, must_keep=idx == 13)
+        assert 13 in kept[0].tolist(), name
+
+
+def test_linear_trm_reproduces_linear_motion_between_kept_frames() -> None:
+    t, j, c = 30, 3, 5
+    slope, offset = torch.randn(1, 1, j, c), torch.randn(1, 1, j, c)
+    full = offset + slope * torch.arange(t, dtype=torch.float32)[None, :, None, None]
+    kept_idx = torch.tensor([[4, 9, 17, 25]])
+    x_kept = full[:, kept_idx[0]]
+    out = TRM_REGISTRY["linear"](ModelConfig(frames=t), c)(x_kept, kept_idx, t)
+    assert out.shape == full.shape
+    torch.testing.assert_close(out[:, 4:26], full[:, 4:26], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, :4], full[:, 4:5].expand(1, 4, j, c))  # held before the first kept
+    torch.testing.assert_close(out[:, 26:], full[:, 25:26].expand(1, 4, j, c))  # and after the last
+
+
+def test_cross_attention_trm_restores_length() -> None:
+    cfg = ModelConfig(frames=27, dim=16, heads=2)
+    trm = TRM_REGISTRY["cross_attention"](cfg, 16)
+    out = trm(torch.randn(2, 9, 17, 16), torch.arange(0, 27, 3)[None].expand(2, 9), 27)
+    assert out.shape == (2, 27, 17, 16)
+    assert torch.all(trm.queries == 0), "queries are zero-initialised"
