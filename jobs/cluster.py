@@ -161,7 +161,13 @@ def marked_pids(cluster_id: str) -> list[int]:
 
 
 def _alive(pid: int | None, ticks: int | None) -> bool:
-    return pid is not None and ticks is not None and _start_ticks(pid) == ticks
+    """`pid` runs, is not a zombie, and is the process recorded (same start time, so not a reused pid)."""
+    if pid is None or ticks is None or _start_ticks(pid) != ticks:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _signal(pids: list[int], sig: int) -> None:
@@ -185,8 +191,10 @@ def stop_processes(state: ClusterState, grace_s: float = STOP_GRACE_S) -> int:
         stopped.update(left)
         if not left:
             break
-        # `ray start --block` stops its node on SIGTERM; what is left after a moment gets a direct SIGTERM.
-        if time.monotonic() > deadline - grace_s / 2:
+        # `ray start --block` stops its node on SIGTERM; once it is gone (or half the grace time is), whatever
+        # still carries the marker (orphans after a crash, stuck workers) gets its own SIGTERM.
+        leaders_gone = not any(_alive(pid, ticks) for pid, ticks in recorded)
+        if leaders_gone or time.monotonic() > deadline - grace_s / 2:
             _signal(left, signal.SIGTERM)
         time.sleep(0.3)
     left = marked_pids(state.id)

@@ -1,0 +1,152 @@
+"""Fast checks of `h2ot cluster`: state file, stopping exactly what was started, port-taken errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs import cluster
+from jobs._common import UserError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _state(tmp_path: Path, **kw) -> cluster.ClusterState:
+    base = dict(
+        id="t" + os.urandom(3).hex(),
+        mode="host",
+        state_dir=str(tmp_path),
+        cpus_per_node=1.0,
+        gcs_port=1,
+        dashboard_port=2,
+        mlflow_port=3,
+    )
+    return cluster.ClusterState(**{**base, **kw})
+
+
+def _spawn(marker: str | None, script: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop(cluster.MARKER, None)
+    if marker:
+        env[cluster.MARKER] = marker
+    return subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True)
+
+
+def test_state_round_trip(tmp_path: Path) -> None:
+    state = _state(tmp_path, nodes=[cluster.NodeState("head", "10.0.0.2", netns="ns-a", pid=12, start_ticks=34)])
+    state.mlflow_host = "127.0.0.1"
+    cluster.save_state(state)
+    back = cluster.load_state(tmp_path)
+    assert back == state
+    assert back.head.name == "head" and back.mlflow_url == "http://127.0.0.1:3"
+    assert json.loads((tmp_path / "state.json").read_text())["nodes"][0]["netns"] == "ns-a"
+
+
+def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable cluster state"):
+        cluster.load_state(tmp_path)
+
+
+def test_down_after_a_crash_stops_exactly_the_marked_processes(tmp_path: Path) -> None:
+    """A state left by a crashed `up`: its node (and the node's own child) stop; a stranger keeps running."""
+    state = _state(tmp_path)
+    # A "node" that started a child of its own and whose parent went away (as after a crash of `up`).
+    node = _spawn(
+        state.id,
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\ntime.sleep(60)",
+    )
+    stranger = _spawn(None, "import time; time.sleep(60)")
+    try:
+        state.nodes = [cluster.NodeState("head", None, pid=node.pid, start_ticks=cluster._start_ticks(node.pid))]
+        cluster.save_state(state)
+        deadline = time.monotonic() + 10
+        while len(cluster.marked_pids(state.id)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(cluster.marked_pids(state.id)) == 2
+        assert cluster.down(tmp_path) == 2
+        assert cluster.marked_pids(state.id) == []
+        assert stranger.poll() is None, "a process that `up` did not start was stopped"
+        assert not (tmp_path / "state.json").exists()
+    finally:
+        for p in (node, stranger):
+            p.kill()
+            p.wait()
+
+
+def test_pid_reuse_guard(tmp_path: Path) -> None:
+    me = os.getpid()
+    ticks = cluster._start_ticks(me)
+    assert cluster._alive(me, ticks)
+    assert not cluster._alive(me, ticks + 1)  # same pid, another start time: not ours
+    assert not cluster._alive(None, None)
+
+
+def test_port_taken_names_port_and_option() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UserError, match=rf"port {port} on 127.0.0.1 is taken \(MLflow server.*--mlflow-port"):
+            cluster.check_port_free("127.0.0.1", port, "MLflow server", "--mlflow-port")
+    cluster.check_port_free("127.0.0.1", port, "MLflow server", "--mlflow-port")  # free again
+
+
+def test_up_with_a_taken_port_starts_nothing_and_leaves_no_state(tmp_path: Path, capsys) -> None:
+    temp_dirs = set(Path("/tmp").glob("h2ot-ray-*"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        argv = [
+            "up",
+            "--state-dir",
+            str(tmp_path),
+            "--no-netns",
+            "--gcs-port",
+            str(_free_port()),
+            "--dashboard-port",
+            str(_free_port()),
+            "--mlflow-port",
+            str(port),
+        ]
+        assert cluster.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"port {port}" in err and "--mlflow-port" in err
+    assert not (tmp_path / "state.json").exists()
+    assert set(Path("/tmp").glob("h2ot-ray-*")) <= temp_dirs  # Ray's temp dir was removed again
+
+
+def test_status_and_down_without_a_cluster(tmp_path: Path, capsys) -> None:
+    assert cluster.main(["status", "--state-dir", str(tmp_path)]) == 1
+    assert cluster.main(["down", "--state-dir", str(tmp_path)]) == 0
+    assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_describe_prints_addresses_and_commands(tmp_path: Path) -> None:
+    state = _state(tmp_path, mode="netns", nodes=[cluster.NodeState("head", "10.213.7.2", netns="h2ot-x-head")])
+    state.dashboard_host, state.mlflow_host, state.token_path = "10.213.7.2", "10.213.7.1", str(tmp_path / "t")
+    text = cluster.describe(state)
+    assert "ray job submit --address http://10.213.7.2:2 --working-dir ." in text
+    assert '"MLFLOW_TRACKING_URI": "http://10.213.7.1:3"' in text
+    assert f"source {tmp_path / 'env.sh'}" in text
+    env = cluster.write_env_file(state).read_text()
+    assert "RAY_AUTH_MODE=token" in env and "RAY_ADDRESS=http://10.213.7.2:2" in env
+
+
+def test_cli_lists_cluster() -> None:
+    from jobs.cli import SUBCOMMANDS
+
+    assert SUBCOMMANDS["cluster"][0] == "jobs.cluster"
