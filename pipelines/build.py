@@ -1,0 +1,418 @@
+"""Build a shard folder: plan sequences, process them in groups (Ray Data or one process), write atomically.
+
+Both execution paths call the same `process_group` (load -> `prepare_sequence` -> windows -> `write_shard`)
+on the same groups, so they write byte-identical files; only the scheduling differs:
+
+- `use_ray=True`: a Ray Data pipeline, `from_items(groups).map(process_group)`, one task per group;
+- `use_ray=False`: a plain loop in this process (fast tests, and the benchmark's baseline).
+
+Idempotent and atomic: the build key hashes the content config, the schema and the inputs' bytes; an
+unchanged key with intact files is a no-op. A build writes `.<out>.tmp-<pid>-<id>/`, checks that
+sequences in = written + quarantined, writes the manifest last and renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.config import PreprocessConfig
+from pipelines.records import BadSequence, PipelineError, SeqKey, describe, prepare_sequence
+from pipelines.shards import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SPLITS,
+    TENSOR_COLUMNS,
+    content_hash,
+    file_sha256,
+    verify_files,
+    windows_table,
+    write_shard,
+)
+from pipelines.sources.base import Plan, Source
+from pipelines.windows import cut_windows, num_windows, valid_mask, window_starts
+
+log = logging.getLogger(__name__)
+
+PIPELINE_VERSION = 1  # bump when the processing changes what is written for the same inputs and config
+SOURCE_CLASSES = {
+    "synthetic": "pipelines.sources.synthetic:SyntheticSource",
+    "h36m": "pipelines.sources.h36m:H36MSource",
+    "cmu": "pipelines.sources.cmu:CMUSource",
+    "bvh": "pipelines.sources.bvh:BVHSource",
+    "3dhp": "pipelines.sources.mpi3dhp:MPI3DHPSource",
+}
+_SOURCES: dict[str, Source] = {}
+
+
+def get_source(name: str) -> Source:
+    """The (per-process, cached) source object of `name`."""
+    if name not in _SOURCES:
+        module, cls = SOURCE_CLASSES[name].split(":")
+        _SOURCES[name] = getattr(importlib.import_module(module), cls)()
+    return _SOURCES[name]
+
+
+# ------------------------------------------------------------------------------------------ planning
+def split_of(subject: str, cfg: PreprocessConfig, source: Source) -> str | None:
+    """'test' for test subjects, 'train' for training subjects (all others by default), None: not used."""
+    test = cfg.test_subjects if cfg.test_subjects is not None else list(source.default_test_subjects)
+    if subject in test:
+        return "test"
+    if cfg.train_subjects is None or subject in cfg.train_subjects:
+        return "train"
+    return None
+
+
+def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str]:
+    """Set key['split'] on every planned key (dropping subjects in neither split); returns warnings."""
+    warnings = []
+    kept = []
+    for key in plan.keys:
+        split = split_of(key["subject"], cfg, source)
+        if split is not None:
+            kept.append({**key, "split": split})
+    for entry in plan.quarantine:
+        entry.setdefault("split", split_of(str(entry.get("subject")), cfg, source))
+    plan.quarantine = [q for q in plan.quarantine if q["split"] is not None or q.get("subject") is None]
+    present = {k["subject"] for k in plan.keys} | {q.get("subject") for q in plan.quarantine}
+    test = cfg.test_subjects if cfg.test_subjects is not None else list(source.default_test_subjects)
+    for name, wanted in (("test", test), ("train", cfg.train_subjects or [])):
+        for subject in wanted:
+            if subject not in present:
+                warnings.append(f"{name} subject {subject} is not in the input; skipped")
+    overlap = set(test) & set(cfg.train_subjects or [])
+    if overlap:
+        raise PipelineError(f"subjects {sorted(overlap)} are in both train_subjects and test_subjects")
+    plan.keys = kept
+    return warnings
+
+
+def make_groups(keys: list[SeqKey], cfg: PreprocessConfig) -> list[list[SeqKey]]:
+    """Consecutive keys packed until their estimated windows reach `rows_per_shard` (one task per group)."""
+    groups: list[list[SeqKey]] = []
+    current: list[SeqKey] = []
+    rows = 0
+    for key in keys:
+        stride = cfg.stride if key["split"] == "train" else cfg.effective_test_stride
+        rows += num_windows(max(1, int(key.get("frames") or cfg.frames)), cfg.frames, stride)
+        current.append(key)
+        if rows >= cfg.rows_per_shard:
+            groups.append(current)
+            current, rows = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+# ------------------------------------------------------------------------------------------ processing
+def sequence_windows(prep: Any, frames: int, stride: int) -> dict[str, Any]:
+    """Windows of one prepared sequence: tensor columns [n, frames, ...] plus string columns and start."""
+    length = len(prep.pose_3d)
+    starts = window_starts(length, frames, stride)
+    n = len(starts)
+    valid = cut_windows(prep.valid, starts, frames) * valid_mask(length, starts, frames)
+    return {
+        "pose_2d": cut_windows(prep.pose_2d, starts, frames),
+        "conf_2d": cut_windows(prep.conf_2d, starts, frames),
+        "pose_3d": cut_windows(prep.pose_3d, starts, frames),
+        "valid": valid.astype(np.uint8),
+        "subject": [prep.subject] * n, "action": [prep.action] * n, "camera": [prep.camera] * n,
+        "source": [prep.source] * n, "start": starts,
+    }
+
+
+def _concat(parts: list[dict[str, Any]], lo: int, hi: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in parts[0]:
+        if name in TENSOR_COLUMNS or name == "start":
+            out[name] = np.concatenate([p[name] for p in parts])[lo:hi]
+        else:
+            out[name] = [v for p in parts for v in p[name]][lo:hi]
+    return out
+
+
+def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """THE unit of work of both paths: load, validate, prepare and window each sequence of a group, and
+    write its shards `out_dir/<split>/part-<group>-<k>.parquet` (at most rows_per_shard rows each).
+
+    Returns {"sequences": [...], "quarantine": [...], "files": {relpath: {bytes, rows, sha256}}}.
+    """
+    cfg = PreprocessConfig(**cfg_dict)
+    source = get_source(cfg.source)
+    per_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    sequences, quarantine = [], []
+    for key in keys:
+        ident = {k: key.get(k) for k in ("file", "subject", "action", "camera", "split")}
+        try:
+            raw = source.load(key, cfg)
+            prep = prepare_sequence(raw, cfg.min_frames, cfg.noise_px, cfg.dropout, cfg.seed)
+        except BadSequence as e:
+            if cfg.strict:
+                raise PipelineError(f"{describe(key)}: {e} (--strict)") from None
+            quarantine.append({**ident, "reason": str(e)})
+            continue
+        stride = cfg.stride if key["split"] == "train" else cfg.effective_test_stride
+        win = sequence_windows(prep, cfg.frames, stride)
+        per_split[key["split"]].append(win)
+        sequences.append({**ident, "frames": int(len(prep.pose_3d)), "windows": int(len(win["start"])),
+                          "valid_frames": int(prep.valid.sum()), "reprojection_px": prep.reprojection_px})
+    files = {}
+    for split in SPLITS:
+        parts = per_split.get(split)
+        if not parts:
+            continue
+        total = sum(len(p["start"]) for p in parts)
+        for k, lo in enumerate(range(0, total, cfg.rows_per_shard)):
+            rel = f"{split}/part-{group_id:05d}-{k:03d}.parquet"
+            table = windows_table(_concat(parts, lo, min(total, lo + cfg.rows_per_shard)))
+            size = write_shard(table, Path(out_dir) / rel)
+            files[rel] = {"bytes": size, "rows": table.num_rows, "sha256": file_sha256(Path(out_dir) / rel)}
+    return {"group": group_id, "sequences": sequences, "quarantine": quarantine, "files": files}
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="group", leave=False)
+
+
+def run_local(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str) -> list[dict[str, Any]]:
+    """The single-process path: process_group over every group, in order."""
+    cfg_dict = dataclasses.asdict(cfg)
+    results = []
+    with _progress(len(groups), cfg.progress, f"preprocess {cfg.source}") as bar:
+        for i, group in enumerate(groups):
+            results.append(process_group(i, group, cfg_dict, out_dir))
+            bar.update(1)
+    return results
+
+
+def init_ray(num_cpus: int | None = None) -> bool:
+    """Start a local Ray (loopback only, no dashboard) unless one is running; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str) -> list[dict[str, Any]]:
+    """The Ray Data path: one row per group, `map(process_group)` on the cluster's CPUs, results streamed back."""
+    import ray
+
+    started = init_ray(cfg.num_cpus)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        cfg_dict = dataclasses.asdict(cfg)
+
+        def work(row: dict[str, Any]) -> dict[str, Any]:
+            result = process_group(int(row["group"]), json.loads(row["keys"]), cfg_dict, out_dir)
+            return {"group": int(row["group"]), "result": json.dumps(result)}
+
+        items = [{"group": i, "keys": json.dumps(g)} for i, g in enumerate(groups)]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(work, num_cpus=1)
+        results = []
+        with _progress(len(groups), cfg.progress, f"preprocess {cfg.source} (ray)") as bar:
+            for row in ds.iter_rows():
+                results.append(json.loads(row["result"]))
+                bar.update(1)
+        return sorted(results, key=lambda r: r["group"])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ manifest
+def _hash_inputs(paths: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(set(paths)):
+        path = Path(p)
+        out.append({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+    return out
+
+
+def build_key(cfg: PreprocessConfig, inputs: list[dict[str, Any]]) -> str:
+    payload = {"schema_version": SCHEMA_VERSION, "pipeline_version": PIPELINE_VERSION,
+               "config": cfg.content_dict(), "inputs": [{"name": Path(i["path"]).name, "sha256": i["sha256"]}
+                                                        for i in inputs]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _what_changed(old: dict[str, Any], cfg: PreprocessConfig, inputs: list[dict[str, Any]]) -> str:
+    changes = []
+    old_cfg = old.get("config", {})
+    for k, v in cfg.content_dict().items():
+        if old_cfg.get(k) != v:
+            changes.append(f"config {k}: {old_cfg.get(k)!r} -> {v!r}")
+    old_inputs = {Path(i["path"]).name: i["sha256"] for i in old.get("inputs", [])}
+    new_inputs = {Path(i["path"]).name: i["sha256"] for i in inputs}
+    for name in sorted(set(old_inputs) | set(new_inputs)):
+        if old_inputs.get(name) != new_inputs.get(name):
+            changes.append(f"input {name} " + ("added" if name not in old_inputs else
+                                               "removed" if name not in new_inputs else "changed"))
+    if old.get("schema_version") != SCHEMA_VERSION or old.get("pipeline_version") != PIPELINE_VERSION:
+        changes.append("pipeline version changed")
+    return "; ".join(changes[:8]) + (f"; ... ({len(changes)} changes)" if len(changes) > 8 else "") \
+        if changes else "files differ from the manifest"
+
+
+def _counts(sequences: list[dict[str, Any]]) -> dict[str, Any]:
+    counts: dict[str, Any] = {}
+    for split in SPLITS:
+        seqs = [s for s in sequences if s["split"] == split]
+        entry: dict[str, Any] = {
+            "sequences": len(seqs), "windows": sum(s["windows"] for s in seqs),
+            "frames": sum(s["frames"] for s in seqs), "valid_frames": sum(s["valid_frames"] for s in seqs),
+        }
+        for dim in ("subject", "action", "camera"):
+            c: Counter = Counter()
+            for s in seqs:
+                c[s[dim]] += s["windows"]
+            entry[f"windows_by_{dim}"] = dict(sorted(c.items()))
+        nested: dict[str, Any] = {}
+        for s in seqs:
+            nested.setdefault(s["subject"], {}).setdefault(s["action"], {})[s["camera"]] = s["windows"]
+        entry["windows_by_subject_action_camera"] = nested
+        counts[split] = entry
+    return counts
+
+
+def _remove_stale_temps(out: Path) -> None:
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            log.info("removing the leftovers of an interrupted build: %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def build_shards(
+    source: str = "synthetic", out: str | Path | None = None, frames: int = 243, stride: int | None = None,
+    use_ray: bool = False, config: PreprocessConfig | None = None, **options: Any,
+) -> dict[str, Any]:
+    """Build (or confirm up to date) the shard folder `out`; returns the manifest (plus `up_to_date`).
+
+    Either pass a `PreprocessConfig` as `config`, or the common options directly plus any other
+    `PreprocessConfig` field as a keyword, e.g. for tiny test shards without Ray:
+
+        build_shards("synthetic", out=tmp_path / "shards", frames=27, stride=27, use_ray=False,
+                     synthetic_subjects=2, synthetic_frames=120, n_cameras=1, progress=False)
+
+    (SYN1 goes to train/, SYN2 to test/). `stride` defaults to frames // 3 (>= 1).
+    """
+    if config is None:
+        if out is None:
+            raise PipelineError("build_shards: `out` is required")
+        options.setdefault("progress", False)
+        config = PreprocessConfig(source=source, out=str(out), frames=frames,
+                                  stride=stride or max(1, frames // 3), use_ray=use_ray, **options)
+    cfg = config
+    if not cfg.out:
+        raise PipelineError("no output folder (--out)")
+    t0 = time.perf_counter()
+    out_path = Path(cfg.out).resolve()
+    src = get_source(cfg.source)
+    plan = src.plan(cfg)
+    warnings = list(plan.warnings) + assign_splits(plan, cfg, src)
+    for w in warnings:
+        log.warning(w)
+    inputs = _hash_inputs(plan.inputs)
+    key = build_key(cfg, inputs)
+
+    if (out_path / MANIFEST).is_file():
+        try:
+            old = json.loads((out_path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        problem = verify_files(out_path, old) if old else "unreadable manifest"
+        if old.get("build_key") == key and problem is None:
+            log.info("%s is up to date (same inputs and config): nothing to do", out_path)
+            return {**old, "up_to_date": True}
+        log.info("rebuilding %s: %s", out_path, problem if old.get("build_key") == key
+                 else _what_changed(old, cfg, inputs))
+    elif out_path.exists() and any(out_path.iterdir()):
+        raise PipelineError(f"{out_path} exists, is not empty and has no {MANIFEST}: not a shard folder; "
+                            "choose another --out or remove it")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out_path)
+    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        groups = make_groups(plan.keys, cfg)
+        results = run_ray(groups, cfg, str(tmp)) if cfg.use_ray else run_local(groups, cfg, str(tmp))
+        manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _swap_into_place(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**manifest, "up_to_date": False}
+
+
+def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: list[dict[str, Any]], key: str,
+              results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    sequences = [s for r in results for s in r["sequences"]]
+    quarantine = list(plan.quarantine) + [q for r in results for q in r["quarantine"]]
+    files = {rel: info for r in results for rel, info in r["files"].items()}
+    n_in = len(plan.keys) + len(plan.quarantine)
+    if n_in != len(sequences) + len(quarantine):  # the invariant: nothing is lost silently
+        raise PipelineError(f"internal error: {n_in} sequences in, {len(sequences)} written + "
+                            f"{len(quarantine)} quarantined")
+    rows = sum(f["rows"] for f in files.values())
+    per_row_bytes = cfg.frames * (17 * (2 + 1 + 3) * 4 + 1)
+    reproj: dict[str, list[float]] = defaultdict(list)
+    for s in sequences:
+        if s.get("reprojection_px") is not None:
+            reproj[s["camera"]].append(s["reprojection_px"])
+    shard_bytes = sum(f["bytes"] for f in files.values())
+    return {
+        "schema_version": SCHEMA_VERSION, "pipeline_version": PIPELINE_VERSION, "build_key": key,
+        "source": cfg.source, "synthetic": bool(plan.info.get("synthetic", False)),
+        "frames": cfg.frames, "stride": cfg.stride, "test_stride": cfg.effective_test_stride,
+        "config": cfg.content_dict(), "inputs": inputs, "info": {k: v for k, v in plan.info.items()},
+        "sequences_in": n_in, "sequences_written": len(sequences), "sequences_quarantined": len(quarantine),
+        "counts": _counts(sequences),
+        "bytes": {"total": shard_bytes,
+                  **{s: sum(f["bytes"] for r, f in files.items() if r.startswith(s + "/")) for s in SPLITS}},
+        "tensor_bytes_raw": rows * per_row_bytes,
+        "bytes_ratio": shard_bytes / max(1, rows * per_row_bytes),
+        "reprojection_px": {c: float(np.mean(v)) for c, v in sorted(reproj.items())},
+        "quarantine": quarantine, "warnings": warnings, "sequences": sequences,
+        "files": dict(sorted(files.items())),
+        "content_hash": content_hash({rel: f["sha256"] for rel, f in files.items()}),
+        "seconds": round(seconds, 3), "created_unix": int(time.time()),
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished temporary folder to `out` (the old build, if any, is moved aside, then removed)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
