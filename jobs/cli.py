@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
+    "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
 }
 
 
