@@ -13,8 +13,13 @@ import sys
 # name -> (module, one-line help). Later work adds lines here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
+    "preprocess": ("jobs.preprocess", "raw pose data -> Parquet window shards + manifest (Ray Data)"),
+    "bench-preprocess": ("pipelines.bench", "Ray Data vs single-process preprocessing throughput (JSON)"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
+    "train": ("jobs.train", "train a model with Ray Train (DDP), tracked in MLflow; best model -> RUN_DIR/model.pt"),
+    "eval": ("jobs.eval", "MPJPE / P-MPJPE / MPJVE of a checkpoint on a shard folder (JSON), without Ray"),
+    "bench-train": ("jobs.bench_train", "samples/s of the Ray Train loop (1, 2 workers) vs a plain PyTorch loop"),
 }
 
 

@@ -1,0 +1,255 @@
+"""`h2ot train --config configs/X.yaml --data SHARDS_DIR --out RUN_DIR [--set key=value ...]`: Ray Train DDP.
+
+YAML -> `TrainConfig` (+ dotted overrides that mirror the YAML, `--set optim.epochs=2`) -> plain dict to Ray.
+The same command runs on a laptop (local `ray.init()`), against a running cluster (`RAY_ADDRESS`, or
+`ray job submit --working-dir . -- python -m jobs.train ...`), and on GPUs when the cluster has them.
+
+Public API (used by Ray Tune trials and the demo):
+    build_trainer(cfg, data_dir, out_dir, ...) -> TorchTrainer
+    run_training(cfg, data_dir, out_dir, ...) -> {"metrics", "best", "model_path", "checkpoint_path", ...}
+RUN_DIR receives: model.pt (the best epoch, h2ot checkpoint format with the manifest hash and git revision),
+result.json, mlflow.db (unless MLFLOW_TRACKING_URI is set), ray/ (checkpoints, unless run.storage_path is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs._common import UserError, friendly_errors, setup_logging
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+RESULT_FILE = "result.json"
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # worker prints once, not twice (ECOSYSTEM.md)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def default_storage_path(cfg: Any, out_dir: str | Path) -> str:
+    """run.storage_path (local folder, NFS or s3://), else RUN_DIR/ray."""
+    sp = cfg.run.storage_path
+    if sp:
+        return sp if _is_uri(sp) else str(Path(sp).resolve())
+    return str((Path(out_dir) / "ray").resolve())
+
+
+def check_shards(cfg: Any, data_dir: str | Path) -> dict[str, Any]:
+    """The shard manifest, after checking it fits the model (window length). Raises UserError otherwise."""
+    from jobs.evaluation import ShardMismatch, check_frames
+    from pipelines.shards import load_manifest, split_files
+
+    manifest = load_manifest(data_dir)
+    try:
+        check_frames(int(manifest["frames"]), cfg.model.frames, str(data_dir))
+    except ShardMismatch as e:
+        raise UserError(str(e)) from None
+    for split in ("train", "test"):
+        if not split_files(data_dir, split):
+            raise UserError(f"{data_dir}: no {split} shards ({data_dir}/{split}/*.parquet)")
+    return manifest
+
+
+def loop_config(cfg: Any, data_dir: str | Path, *, mlflow: dict[str, str] | None = None,
+                fail_at_step: int | None = None) -> dict[str, Any]:
+    """The plain dict the train loop receives (see jobs.train_loop)."""
+    from h2ot.config import to_dict
+    from jobs.tracking import git_revision
+    from pipelines.shards import manifest_hash
+
+    return {
+        "cfg": to_dict(cfg),
+        "data_dir": str(Path(data_dir).resolve()),
+        "manifest_hash": manifest_hash(data_dir),
+        "git_rev": git_revision(),
+        "mlflow": mlflow,
+        "fail_at_step": fail_at_step,
+    }
+
+
+def resolve_use_gpu(cfg: Any) -> bool:
+    """scaling.use_gpu, or (None) whether the connected cluster has a GPU."""
+    if cfg.scaling.use_gpu is not None:
+        return bool(cfg.scaling.use_gpu)
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def setup_mlflow(cfg: Any, data_dir: str | Path, out_dir: str | Path, name: str,
+                 parent_run_id: str | None = None) -> dict[str, str]:
+    """Create (or reuse, for a rerun into the same RUN_DIR) the MLflow run rank 0 will log into."""
+    from jobs.tracking import create_run, schedule_tag, tracking_uri
+
+    uri = tracking_uri(out_dir)
+    tags = {"backbone": cfg.model.backbone, "schedule": schedule_tag(cfg.model.schedule),
+            "data": Path(data_dir).name, "frames": str(cfg.model.frames)}
+    run_id = create_run(uri, cfg.run.experiment, name, out_dir, tags, parent_run_id)
+    return {"uri": uri, "run_id": run_id}
+
+
+def resolve_name(cfg: Any, data_dir: str | Path, name: str | None = None) -> str:
+    """The run's name: explicit, else run.name, else what was trained (jobs.tracking.run_name)."""
+    from h2ot.config import to_dict
+    from jobs.tracking import run_name
+
+    return name or cfg.run.name or run_name(to_dict(cfg), data_dir)
+
+
+def build_trainer(
+    cfg: Any,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    storage_path: str | None = None,
+    mlflow: bool | dict[str, str] = True,
+    parent_run_id: str | None = None,
+    callbacks: list[Any] | None = None,
+    fail_at_step: int | None = None,
+) -> Any:
+    """A TorchTrainer for `cfg` on the shards of `data_dir`; checkpoints under storage_path/name.
+
+    mlflow: True (create a run, see jobs.tracking), False (no tracking), or {uri, run_id} of an existing run.
+    callbacks: Ray Train UserCallbacks (e.g. Tune's TuneReportCallback). Connects to Ray if needed.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train_loop import TRAIN_COLUMNS, train_loop_per_worker
+
+    check_shards(cfg, data_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": WORKER_ENV})
+    name = resolve_name(cfg, data_dir, name)
+    tracking = None
+    if mlflow is True:
+        tracking = setup_mlflow(cfg, data_dir, out_dir, name, parent_run_id)
+    elif isinstance(mlflow, dict):
+        tracking = dict(mlflow)
+    use_gpu = resolve_use_gpu(cfg)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    env = dict(WORKER_ENV)
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = tracking["uri"]
+    train_ds = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), columns=TRAIN_COLUMNS,
+                                     shuffle="files")
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(cfg, data_dir, mlflow=tracking, fail_at_step=fail_at_step),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path or default_storage_path(cfg, out_dir),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
+                                               checkpoint_score_attribute="val/mpjpe_mm",
+                                               checkpoint_score_order="min"),
+            worker_runtime_env={"env_vars": env},
+            callbacks=callbacks,
+        ),
+        datasets={"train": train_ds},
+    )
+
+
+def export_best_model(result: Any, out_dir: str | Path) -> Path | None:
+    """Copy the best model (carried by the latest checkpoint) to RUN_DIR/model.pt."""
+    from jobs.train_loop import BEST_MODEL_FILE
+
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        return None
+    target = Path(out_dir) / MODEL_FILE
+    with checkpoint.as_directory() as d:
+        source = Path(d) / BEST_MODEL_FILE
+        if not source.is_file():
+            return None
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copy(source, tmp)
+        tmp.replace(target)
+    return target
+
+
+def run_training(cfg: Any, data_dir: str | Path, out_dir: str | Path, **trainer_kwargs: Any) -> dict[str, Any]:
+    """Train (or resume) and export: -> {metrics (last checkpoint's), best, model_path, checkpoint_path,
+    run_path, mlflow}. Raises RuntimeError when the run failed after its retries."""
+    import torch
+
+    if trainer_kwargs.get("mlflow", True) is True:
+        check_shards(cfg, data_dir)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        name = resolve_name(cfg, data_dir, trainer_kwargs.get("name"))
+        trainer_kwargs["mlflow"] = setup_mlflow(cfg, data_dir, out_dir, name, trainer_kwargs.pop("parent_run_id", None))
+    trainer = build_trainer(cfg, data_dir, out_dir, **trainer_kwargs)
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    model_path = export_best_model(result, out_dir)
+    best = None
+    if model_path is not None:
+        best = torch.load(model_path, map_location="cpu", weights_only=True)["meta"].get("metrics")
+    summary = {
+        "metrics": result.metrics,
+        "best": best,
+        "model_path": str(model_path) if model_path else None,
+        "checkpoint_path": result.checkpoint.path if result.checkpoint is not None else None,
+        "run_path": result.path,
+        "mlflow": trainer_kwargs.get("mlflow") or None,
+        "return_value": getattr(result, "return_value", None),
+    }
+    Path(out_dir, RESULT_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="h2ot train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="configs/*.yaml (kind: train)")
+    p.add_argument("--data", required=True, help="shard folder of `h2ot preprocess` (manifest.json, train/, test/)")
+    p.add_argument("--out", required=True, help="run folder: model.pt, result.json, mlflow.db, ray/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value with dotted keys, e.g. --set optim.epochs=2 (repeatable)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
+    p.add_argument("--json", action="store_true", help="print the result summary as one JSON object")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+@friendly_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    from h2ot.config import load_config
+
+    cfg = load_config(args.config, args.overrides, kind="train")
+    if not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data}: no such folder (run `h2ot preprocess --out {args.data}` first)")
+    summary = run_training(cfg, args.data, args.out, mlflow=not args.no_mlflow)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    else:
+        best = summary["best"] or {}
+        print(f"best epoch {best.get('epoch')}: val/mpjpe_mm {best.get('val/mpjpe_mm', float('nan')):.2f}  "
+              f"-> {summary['model_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
