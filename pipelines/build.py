@@ -68,12 +68,21 @@ def get_source(name: str) -> Source:
 # ------------------------------------------------------------------------------------------ planning
 def split_of(subject: str, cfg: PreprocessConfig, source: Source) -> str | None:
     """'test' for test subjects, 'train' for training subjects (all others by default), None: not used."""
-    test = cfg.test_subjects if cfg.test_subjects is not None else list(source.default_test_subjects)
+    test, train = subject_lists(cfg, source)
     if subject in test:
         return "test"
-    if cfg.train_subjects is None or subject in cfg.train_subjects:
+    if train is None or subject in train:
         return "train"
     return None
+
+
+def subject_lists(cfg: PreprocessConfig, source: Source) -> tuple[list[str], list[str] | None]:
+    """(test subjects, train subjects or None for 'all others'): the config's, else the source's defaults."""
+    test = cfg.test_subjects if cfg.test_subjects is not None else list(source.default_test_subjects)
+    train = cfg.train_subjects
+    if train is None and source.default_train_subjects is not None:
+        train = [s for s in source.default_train_subjects if s not in test]
+    return list(test), train
 
 
 def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str]:
@@ -88,12 +97,12 @@ def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str
         entry.setdefault("split", split_of(str(entry.get("subject")), cfg, source))
     plan.quarantine = [q for q in plan.quarantine if q["split"] is not None or q.get("subject") is None]
     present = {k["subject"] for k in plan.keys} | {q.get("subject") for q in plan.quarantine}
-    test = cfg.test_subjects if cfg.test_subjects is not None else list(source.default_test_subjects)
-    for name, wanted in (("test", test), ("train", cfg.train_subjects or [])):
+    test, train = subject_lists(cfg, source)
+    for name, wanted in (("test", test), ("train", train or [])):
         for subject in wanted:
             if subject not in present:
                 warnings.append(f"{name} subject {subject} is not in the input; skipped")
-    overlap = set(test) & set(cfg.train_subjects or [])
+    overlap = set(test) & set(train or [])
     if overlap:
         raise PipelineError(f"subjects {sorted(overlap)} are in both train_subjects and test_subjects")
     plan.keys = kept

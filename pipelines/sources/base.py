@@ -27,6 +27,7 @@ class Plan:
 class Source:
     name = "base"
     default_test_subjects: tuple[str, ...] = ()
+    default_train_subjects: tuple[str, ...] | None = None  # None: every subject that is not a test subject
 
     def plan(self, cfg: PreprocessConfig) -> Plan:
         raise NotImplementedError

@@ -1,0 +1,111 @@
+"""Read `.npz` files whose object arrays hold pickles, WITHOUT running code a crafted file carries.
+
+`np.load(allow_pickle=True)` unpickles with the full `pickle` machinery: a crafted file can call any function
+(`os.system`, ...). `load_npz` parses each `.npy` member itself and unpickles object arrays with
+`RestrictedUnpickler`, which admits dicts, lists, tuples, strings, bytes, numbers, None/bools and numpy
+arrays/dtypes/scalars (the globals numpy's own pickles use) and refuses every other global with `UnsafePickle`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.records import PipelineError
+
+# (module, name) pairs numpy uses to pickle arrays, dtypes and scalars (numpy 1.x and 2.x spellings).
+ALLOWED_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles
+})
+
+
+class UnsafePickle(PipelineError):
+    """The file's pickle asks for something other than plain data."""
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only (see ALLOWED_GLOBALS)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("DType"):  # numpy 2 dtype classes, e.g. Float32DType
+            import numpy.dtypes
+
+            cls = getattr(numpy.dtypes, name, None)
+            if cls is not None:
+                return cls
+        raise UnsafePickle(f"refused to unpickle {module}.{name}: only dicts, lists, tuples, strings, numbers "
+                           "and numpy arrays are allowed")
+
+
+def _read_member(zf: zipfile.ZipFile, member: str, path: str) -> Any:
+    data = io.BytesIO(zf.read(member))
+    try:
+        version = np.lib.format.read_magic(data)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, fortran, dtype = read_header(data)
+    except ValueError as e:
+        raise PipelineError(f"{path}: member {member} is not a valid .npy array ({e})") from None
+    if not dtype.hasobject:
+        data.seek(0)
+        try:
+            return np.lib.format.read_array(data, allow_pickle=False)
+        except ValueError as e:
+            raise PipelineError(f"{path}: member {member} is truncated or corrupt ({e})") from None
+    try:
+        obj = RestrictedUnpickler(data, encoding="latin1").load()
+    except UnsafePickle as e:
+        raise UnsafePickle(f"{path}: member {member}: {e}") from None
+    except Exception as e:  # a broken pickle stream: any of several exception types
+        raise PipelineError(f"{path}: member {member} holds a truncated or corrupt pickle "
+                            f"({type(e).__name__}: {e})") from None
+    arr = np.asarray(obj) if not isinstance(obj, np.ndarray) else obj
+    return arr.reshape(shape) if arr.size == int(np.prod(shape)) else arr
+
+
+def load_npz(path: str | Path) -> dict[str, Any]:
+    """All arrays of an npz file (object arrays via the restricted unpickler). Errors name the file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise PipelineError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {m[:-4] if m.endswith(".npy") else m: _read_member(zf, m, path) for m in zf.namelist()}
+    except zipfile.BadZipFile as e:
+        raise PipelineError(f"{path}: not an npz file (not a readable zip archive: {e}); truncated download?") \
+            from None
+    except (EOFError, OSError, zipfile.LargeZipFile) as e:
+        raise PipelineError(f"{path}: truncated or unreadable npz ({e})") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    return load_npz(path)
+
+
+def load_npz_cached(path: str | Path) -> dict[str, Any]:
+    """`load_npz`, cached per process on (path, mtime, size): every sequence of a file reads it once."""
+    st = os.stat(path)
+    return _cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+def unwrap(value: Any) -> Any:
+    """A 0-d object array (how np.savez stores a dict) -> the object; anything else unchanged."""
+    if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
+        return value.item()
+    return value

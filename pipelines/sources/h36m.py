@@ -1,0 +1,92 @@
+"""Human3.6M in the VideoPose3D layout, with the published cameras built in (`h2ot.camera`).
+
+- `--input data_3d_h36m.npz`: key `positions_3d`, a pickled dict subject -> action -> [T, 32, 3] (or
+  [T, 17, 3]) world metres, z up. The 17 standard joints are kept (`H36M32_TO_17`).
+- `--input-2d data_2d_h36m_<detector>.npz` (optional): key `positions_2d`, subject -> action -> list of the
+  4 cameras' [T, 17, 2] pixels ([T, 17, 3] with scores), in `H36M_CAMERA_IDS` order; `metadata` optional.
+  Detections longer than the 3D are truncated (as VideoPose3D); shorter ones are quarantined. Without it, 2D
+  is the 3D projected through each camera (with distortion).
+
+One sequence = (subject, action, camera). Default split: train S1 S5 S6 S7 S8, test S9 S11.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from h2ot.camera import H36M_CAMERA_IDS, H36M_SUBJECTS, h36m_camera
+from h2ot.skeleton import H36M32_TO_17, NUM_JOINTS
+from pipelines.config import PreprocessConfig
+from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey
+from pipelines.safe_npz import load_npz_cached, unwrap
+from pipelines.sources.base import Plan, Source
+
+
+def _positions(path: str, key: str) -> dict[str, Any]:
+    data = load_npz_cached(path)
+    if key not in data:
+        raise PipelineError(f"{path}: missing key {key!r} (found {sorted(data)}); is this a VideoPose3D "
+                            f"{'data_3d' if key == 'positions_3d' else 'data_2d'} file?")
+    value = unwrap(data[key])
+    if not isinstance(value, dict):
+        raise PipelineError(f"{path}: {key} is a {type(value).__name__}, expected a dict subject -> action")
+    return value
+
+
+class H36MSource(Source):
+    name = "h36m"
+    default_test_subjects = ("S9", "S11")
+    default_train_subjects = ("S1", "S5", "S6", "S7", "S8")
+
+    def plan(self, cfg: PreprocessConfig) -> Plan:
+        if not cfg.input:
+            raise PipelineError("--input is required for h36m (data_3d_h36m.npz)")
+        positions = _positions(cfg.input, "positions_3d")
+        plan = Plan(inputs=[cfg.input] + ([cfg.input_2d] if cfg.input_2d else []))
+        if cfg.input_2d:
+            _positions(cfg.input_2d, "positions_2d")  # fail early on an unreadable detections file
+        for subject, actions in positions.items():
+            subject = str(subject)
+            if not isinstance(actions, dict):
+                plan.quarantine.append({"file": cfg.input, "subject": subject, "action": None, "camera": None,
+                                        "reason": f"subject entry is a {type(actions).__name__}, not a dict"})
+                continue
+            for action, arr in actions.items():
+                if subject not in H36M_SUBJECTS:
+                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": str(action),
+                                            "camera": None, "reason": f"unknown subject {subject} for the "
+                                            f"camera table (known: {', '.join(H36M_SUBJECTS)})"})
+                    continue
+                frames = int(arr.shape[0]) if isinstance(arr, np.ndarray) and arr.ndim >= 1 else 1
+                for cam in H36M_CAMERA_IDS:
+                    plan.keys.append({"subject": subject, "action": str(action), "camera": cam,
+                                      "file": cfg.input, "frames": frames})
+        plan.info = {"synthetic": False, "fps": 50, "detections": cfg.input_2d}
+        return plan
+
+    def load(self, key: SeqKey, cfg: PreprocessConfig) -> RawSequence:
+        subject, action, cam_id = key["subject"], key["action"], key["camera"]
+        x = _positions(cfg.input, "positions_3d")[subject][action]
+        if not isinstance(x, np.ndarray):
+            raise BadSequence(f"3D entry is a {type(x).__name__}, not an array")
+        if x.ndim == 3 and x.shape[1] == 32:
+            x = x[:, list(H36M32_TO_17)]
+        elif x.ndim == 3 and x.shape[1] != NUM_JOINTS:
+            raise BadSequence(f"3D has {x.shape[1]} joints (shape {x.shape}), expected 32 or 17 (wrong joint count)")
+        uv = None
+        if cfg.input_2d:
+            det = _positions(cfg.input_2d, "positions_2d")
+            try:
+                per_cam = det[subject][action]
+            except (KeyError, TypeError):
+                raise BadSequence(f"no 2D detections for {subject}/{action} in {cfg.input_2d}") from None
+            if not isinstance(per_cam, (list, tuple, np.ndarray)) or len(per_cam) != len(H36M_CAMERA_IDS):
+                raise BadSequence(f"2D entry for {subject}/{action} is not a list of {len(H36M_CAMERA_IDS)} "
+                                  "cameras")
+            uv = per_cam[H36M_CAMERA_IDS.index(cam_id)]
+            if not isinstance(uv, np.ndarray):
+                raise BadSequence(f"2D entry is a {type(uv).__name__}, not an array")
+        return RawSequence(source=self.name, subject=subject, action=action, camera=h36m_camera(subject, cam_id),
+                           pose_3d=x, file=cfg.input, world=True, pose_2d_px=uv)
