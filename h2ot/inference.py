@@ -147,10 +147,12 @@ def infer_sequence(
         pose = out.pose_3d.float().cpu().numpy().astype(np.float64)  # [B, T_out, J, 3]
         stages = [k.cpu().numpy() for k in out.kept_indices]  # each [B, n_s]
         stage_tokens = [int(k.shape[1]) for k in stages]
+        frame_idx = None if out.frame_indices is None else out.frame_indices.cpu().numpy()
         for b, s in enumerate(starts):
             kept.append([np.sort(k[b]) for k in stages])
-            if cfg.seq2frame:
-                poses_seq2frame.append(pose[b, 0])
+            if cfg.seq2frame:  # the output frame that is the window's centre (eval mode returns only that one)
+                centre = 0 if frame_idx is None else int(np.argmax(frame_idx[b] == cfg.frames // 2))
+                poses_seq2frame.append(pose[b, centre])
             else:
                 if pose.shape[1] != cfg.frames:
                     raise ValueError(f"a seq2seq model returned {pose.shape[1]} frames for a {cfg.frames}-frame window")

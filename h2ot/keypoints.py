@@ -60,6 +60,9 @@ COCO_TO_H36M_COPIED: dict[int, int] = {
 NECK_TOWARDS_THORAX = 0.25  # neck/nose = nose + 0.25 (thorax - nose)
 
 
+_MAGIC: dict[str, bytes] = {".npy": b"\x93NUMPY", ".npz": b"PK"}  # first bytes of numpy's formats (npz = zip)
+
+
 class KeypointError(ValueError):
     """The keypoint input is unusable; the message says what, where (file, frame, joint) and what to do."""
 
@@ -76,6 +79,15 @@ def load_keypoints(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise KeypointError(f"{path}: not a file")
     suffix = path.suffix.lower()
+    magic = _MAGIC.get(suffix)
+    if magic is not None:
+        try:
+            with path.open("rb") as f:
+                head = f.read(len(magic))
+        except OSError as e:
+            raise KeypointError(f"{path}: cannot read the file ({e.strerror})") from None
+        if head != magic:
+            raise KeypointError(f"{path}: not a readable {suffix} file (it does not start like one)")
     if suffix == ".npy":
         arr = _load_npy(path)
     elif suffix == ".npz":

@@ -23,6 +23,7 @@ log = logging.getLogger("h2ot.infer")
 
 def build_parser() -> argparse.ArgumentParser:
     from h2ot.keypoints import DEFAULT_MAX_GAP, LAYOUTS
+    from h2ot.viz import MAX_ANIMATION_FRAMES
 
     p = argparse.ArgumentParser(prog="h2ot infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt, from h2ot train)")
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--animation", choices=("auto", "gif", "mp4", "none"), default="auto",
                    help="3D skeleton animation: auto = mp4 where ffmpeg exists, else gif")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate of the animation")
+    p.add_argument("--animation-frames", type=int, default=MAX_ANIMATION_FRAMES,
+                   help="longer sequences are subsampled to this many animation frames (default %(default)s)")
     p.add_argument("--no-pictures", action="store_true", help="write only the poses")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -61,6 +64,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max-gap must be >= 0, got {args.max_gap}")
     if args.fps <= 0:
         raise UserError(f"--fps must be positive, got {args.fps}")
+    if args.animation_frames < 1:
+        raise UserError(f"--animation-frames must be >= 1, got {args.animation_frames}")
+    if args.animation == "mp4" and not args.no_pictures:
+        from h2ot.viz import ffmpeg_available
+
+        if not ffmpeg_available():
+            raise UserError("--animation mp4 needs ffmpeg on PATH; use --animation gif")
 
 
 def _load_model(path: str, device: str):
@@ -156,10 +166,9 @@ def _pictures(args: argparse.Namespace, out: Path, kp_pixels, result) -> list[Pa
     fmt = args.animation
     if fmt == "auto":
         fmt = "mp4" if viz.ffmpeg_available() else "gif"
-    elif fmt == "mp4" and not viz.ffmpeg_available():
-        raise UserError("--animation mp4 needs ffmpeg on PATH; use --animation gif")
     if fmt != "none":
-        paths.append(viz.animate_3d(result.poses_3d, out / f"skeleton.{fmt}", fps=args.fps))
+        paths.append(viz.animate_3d(result.poses_3d, out / f"skeleton.{fmt}", fps=args.fps,
+                                    max_frames=args.animation_frames))
     return paths
 
 
