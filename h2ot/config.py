@@ -31,6 +31,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                          schedule=[[1, 27], [2, 9]]),
     "mixste_tiny": dict(backbone="mixste", frames=27, dim=32, depth=2, heads=2, mlp_ratio=2.0,
                         schedule=[[1, 9]]),
+    # MotionBERT's DSTformer as in its Human3.6M configs (MB_train_h36m.yaml: dim_feat 256, mlp_ratio 4, depth 5,
+    # heads 8, dim_rep 512, 243 frames; input x, y, confidence): 131.1 GFLOPs (linear) full, the papers' figure.
+    # Schedule: HoT's stage (81 tokens before block 1), then 41 for the last two blocks.
+    "dstformer": dict(backbone="dstformer", frames=243, in_channels=3, dim=256, depth=5, heads=8, mlp_ratio=4.0,
+                      rep_dim=512, schedule=[[1, 81], [3, 41]]),
+    "dstformer_small": dict(backbone="dstformer", frames=81, in_channels=3, dim=64, depth=3, heads=4,
+                            mlp_ratio=2.0, rep_dim=64, schedule=[[1, 27], [2, 14]]),
 }
 
 
@@ -47,6 +54,7 @@ class ModelConfig:
     depth: int = 8
     heads: int = 8
     mlp_ratio: float = 2.0
+    rep_dim: int = 0  # DSTformer: width of the pre-logits layer (Linear + tanh) before the head; 0 = none
     dropout: float = 0.0
     drop_path: float = 0.0
     # Hierarchical pruning: [[block, tokens], ...], blocks counted from 0; [] = full model, one stage = HoT.

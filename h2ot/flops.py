@@ -3,7 +3,8 @@
 - linear: what the papers report (Linear layers only): counted with forward hooks on every nn.Linear.
 - total: torch's FlopCounterMode under the math attention backend (so attention products are seen), plus the
   pruning's own cost (cdist and density terms), which the counter does not see, added by hand.
-And the analytic prediction of the linear count from the schedule's kept-token counts.
+And the analytic predictions from the schedule's kept-token counts and each backbone's CostTerms
+(`cost_terms(cfg)` on the model class), so a new backbone states its costs once, beside its code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from h2ot.config import ModelConfig
+from h2ot.config import ConfigError, ModelConfig
+from h2ot.models.base import CostTerms
 from h2ot.schedule import tokens_per_block, validate_schedule
 
 
@@ -39,15 +41,41 @@ def linear_flops(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def pruning_flops(cfg: ModelConfig) -> int:
-    """Hand count of what FlopCounterMode misses in the TPMs: per stage the frame mean (T'JC), pairwise
-    distances (3 T'^2 C) and the density / delta terms (~4 T'^2)."""
+def cost_terms(cfg: ModelConfig) -> CostTerms:
+    """The backbone's own analytic cost terms (its `cost_terms(cfg)` classmethod)."""
+    from h2ot.models import MODEL_REGISTRY
+
+    if cfg.backbone not in MODEL_REGISTRY:
+        raise ConfigError(f"model.backbone: unknown backbone {cfg.backbone!r}; known: {sorted(MODEL_REGISTRY)}")
+    terms = getattr(MODEL_REGISTRY[cfg.backbone], "cost_terms", None)
+    if terms is None:
+        raise NotImplementedError(f"backbone {cfg.backbone!r} has no cost_terms(cfg): its FLOPs cannot be predicted")
+    return terms(cfg)
+
+
+def _pruning_terms(cfg: ModelConfig) -> tuple[int, int]:
+    """(by hand, counted) FLOPs of every TPM stage's scoring (see TokenPruner.scoring_flops)."""
+    from h2ot.pruning import TPM_REGISTRY
+
     stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
-    total, current = 0, cfg.frames
-    for _, n in stages:
-        total += current * cfg.joints * cfg.dim + 3 * current * current * cfg.dim + 4 * current * current
-        current = n
-    return total
+    if not stages:
+        return 0, 0
+    if cfg.tpm not in TPM_REGISTRY:
+        raise ConfigError(f"model.tpm: unknown pruning strategy {cfg.tpm!r}; known: {sorted(TPM_REGISTRY)}")
+    strategy, temporal = TPM_REGISTRY[cfg.tpm], cost_terms(cfg).temporal_attentions
+    hand = counted = 0
+    current = cfg.frames
+    for block, n in stages:
+        h, c = strategy.scoring_flops(cfg, current, block, temporal)
+        hand, counted, current = hand + h, counted + c, n
+    return hand, counted
+
+
+def pruning_flops(cfg: ModelConfig) -> int:
+    """Hand count of what FlopCounterMode misses in the TPMs' scoring (e.g. DPC-kNN: per stage the frame mean
+    T'JC, pairwise distances 3 T'^2 C and the density / delta terms ~4 T'^2; attention: the column sums of the
+    recorded attention weights)."""
+    return _pruning_terms(cfg)[0]
 
 
 def total_flops(model: nn.Module, x: torch.Tensor, cfg: ModelConfig) -> int:
@@ -57,37 +85,41 @@ def total_flops(model: nn.Module, x: torch.Tensor, cfg: ModelConfig) -> int:
     return int(counter.get_total_flops()) + pruning_flops(cfg)
 
 
-def predicted_linear_flops(cfg: ModelConfig) -> int:
-    """Analytic Linear-layer FLOPs of a MixSTE-style model from its kept-token counts (per clip, 2 x MACs).
+def _trm_linear_macs(cfg: ModelConfig, stages: list[tuple[int, int]]) -> float:
+    """The cross-attention TRM projects T queries, n keys and values and T outputs (C^2 MACs each) per joint."""
+    if not stages or cfg.seq2frame or cfg.trm != "cross_attention":
+        return 0.0
+    c, t, n_last = cfg.dim, cfg.frames, stages[-1][1]
+    return cfg.joints * (t * c * c + 2 * n_last * c * c + t * c * c)
 
-    Each spatial/temporal block costs (4 + 2 * mlp_ratio) C^2 MACs per token; the cross-attention TRM
-    projects T queries, n keys and values and T outputs (C^2 each); embedding and head are per output token.
-    """
-    c, j, t = cfg.dim, cfg.joints, cfg.frames
+
+def predicted_linear_flops(cfg: ModelConfig) -> int:
+    """Analytic Linear-layer FLOPs (per clip, 2 x MACs) from the schedule's kept-token counts and the backbone's
+    CostTerms: blocks (per joint token they see), embedding (all T frames), TRM, output layers (per output frame:
+    T, or the centre frame of an eval-mode seq2frame model)."""
+    terms, j, t = cost_terms(cfg), cfg.joints, cfg.frames
     stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
-    per_token = (4 + 2 * cfg.mlp_ratio) * c * c
-    macs = sum(2 * n * j * per_token for n in tokens_per_block(stages, cfg.depth, t))
-    macs += t * j * cfg.in_channels * c  # embedding
+    macs = sum(n * j * terms.block_linear_macs for n in tokens_per_block(stages, cfg.depth, t))
+    macs += t * j * terms.input_linear_macs
     out_frames = 1 if cfg.seq2frame else t
-    macs += out_frames * j * c * 3  # head
-    if stages and not cfg.seq2frame and cfg.trm == "cross_attention":
-        n_last = stages[-1][1]
-        macs += j * (t * c * c + 2 * n_last * c * c + t * c * c)
-    return int(2 * macs)
+    macs += out_frames * j * terms.output_linear_macs
+    macs += _trm_linear_macs(cfg, stages)
+    return int(round(2 * macs))
 
 
 def predicted_total_flops(cfg: ModelConfig) -> int:
     """Analytic total FLOPs: the Linear count plus the attention products (QK^T and AV, 2 x 2 L^2 C per
-    sequence) of every block and of the cross-attention TRM, plus the pruning's hand count."""
-    c, j, t = cfg.dim, cfg.joints, cfg.frames
+    sequence) of every attention of every block and of the cross-attention TRM, plus the TPMs' scoring (by hand
+    and the matmuls the counter sees)."""
+    terms, c, j, t = cost_terms(cfg), cfg.dim, cfg.joints, cfg.frames
     stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
     attn = 0
     for n in tokens_per_block(stages, cfg.depth, t):
-        attn += 4 * n * j * j * c  # spatial: n sequences of J joints
-        attn += 4 * j * n * n * c  # temporal: J sequences of n frames
-    if stages and not cfg.seq2frame and cfg.trm == "cross_attention":
+        attn += terms.spatial_attentions * 4 * n * j * j * c  # n sequences of J joints
+        attn += terms.temporal_attentions * 4 * j * n * n * c  # J sequences of n frames
+    if _trm_linear_macs(cfg, stages):
         attn += 4 * j * t * stages[-1][1] * c
-    return predicted_linear_flops(cfg) + attn + pruning_flops(cfg)
+    return predicted_linear_flops(cfg) + attn + sum(_pruning_terms(cfg))
 
 
 def model_gflops(model: nn.Module, cfg: ModelConfig) -> dict[str, float]:

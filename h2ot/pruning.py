@@ -3,7 +3,8 @@
 Each strategy scores the current frame tokens (higher = keep); `TokenPruner.forward` keeps the top-n,
 re-sorts them in time order, gathers their joint tokens and maps the kept positions back to ORIGINAL frame
 indices. Frames in `must_keep` (the centre frame of seq2frame models) are always kept.
-Registry: TPM_REGISTRY["dpc_knn" | "uniform" | ...].
+Registry: TPM_REGISTRY["dpc_knn" | "uniform" | "motion" | "attention" | "random"].
+Each strategy also states the FLOPs of its scoring (`scoring_flops`), for h2ot.flops.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from h2ot.config import ModelConfig
+from h2ot.layers import ATTENTION_RECEIVED
 
 TPM_REGISTRY: dict[str, type[TokenPruner]] = {}
 
@@ -39,10 +41,18 @@ class TokenPruner(nn.Module):
     """Base class: subclasses implement `scores(x, n, context) -> [B, T']`."""
 
     name = "base"
+    uses_attention = False  # True: the block before the stage records its temporal attention (h2ot.hourglass)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+
+    @classmethod
+    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+        """FLOPs of scoring t frame tokens at a stage before `block`, for a backbone whose blocks hold
+        `temporal_attentions` temporal attentions: (by hand: what torch's FlopCounterMode does not see, such as
+        cdist and elementwise work; counted: the matmuls it does see)."""
+        return 0, 0
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -97,6 +107,11 @@ class DpcKnnPruner(TokenPruner):
         delta = torch.where(denser, dist, max_dist).min(dim=-1).values
         return density * delta
 
+    @classmethod
+    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+        # frame mean (T'JC), pairwise distances (3 T'^2 C) and the density / delta terms (~4 T'^2).
+        return t * cfg.joints * cfg.dim + 3 * t * t * cfg.dim + 4 * t * t, 0
+
 
 @register_tpm("uniform")
 class UniformPruner(TokenPruner):
@@ -108,3 +123,72 @@ class UniformPruner(TokenPruner):
         scores = torch.zeros(b, t, device=x.device)
         scores[:, picks] = 1.0
         return scores
+
+
+@register_tpm("motion")
+class MotionPruner(TokenPruner):
+    """Keep the frames that move most: score = displacement of the frame feature (mean of its joint tokens)
+    from the previous current token; the first token takes its displacement to the next one."""
+
+    def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
+        feat = x.mean(dim=2).float()  # [B, T', C]
+        if feat.shape[1] < 2:
+            return torch.zeros(feat.shape[:2], device=x.device)
+        step = (feat[:, 1:] - feat[:, :-1]).norm(dim=-1)  # [B, T'-1]: token t-1 -> t
+        return torch.cat([step[:, :1], step], dim=1)
+
+    @classmethod
+    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+        # frame mean (T'JC), differences, squares and sums (3 T'C)
+        return t * cfg.joints * cfg.dim + 3 * t * cfg.dim, 0
+
+
+@register_tpm("attention")
+class AttentionPruner(TokenPruner):
+    """Keep the frames that receive the most temporal attention in the block before the stage.
+
+    That block's temporal attention records, per joint sequence, the softmax weights each frame receives summed
+    over heads and queries (context[ATTENTION_RECEIVED], [B*J, T']); the score of a frame sums them over the
+    joints. Before block 0 there is no block, and a backbone may not record: then one parameter-free attention
+    over the frame features f (mean of the joint tokens), softmax(f f^T / sqrt(C)), gives the column sums.
+    """
+
+    uses_attention = True
+
+    def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
+        b, t, _, c = x.shape
+        received = context.get(ATTENTION_RECEIVED)
+        if received is not None:
+            if received.shape[-1] != t or received.numel() % (b * t):
+                raise ValueError(f"recorded attention {tuple(received.shape)} does not match tokens {tuple(x.shape)}")
+            return received.reshape(b, -1, t).sum(dim=1)
+        feat = x.mean(dim=2).float()  # [B, T', C]
+        weights = (feat @ feat.transpose(1, 2) / math.sqrt(c)).softmax(dim=-1)
+        return weights.sum(dim=1)
+
+    @classmethod
+    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+        if block > 0 and temporal_attentions > 0:
+            # column sums of the recorded weights (heads x queries per key) of every temporal attention of the
+            # block before, then the sum over the joints; the attention products themselves are the block's own.
+            return temporal_attentions * cfg.joints * cfg.heads * t * t + cfg.joints * t, 0
+        # fallback: frame mean and column sums by hand; f f^T is a matmul the counter sees.
+        return t * cfg.joints * cfg.dim + t * t, 2 * t * t * cfg.dim
+
+
+@register_tpm("random")
+class RandomPruner(TokenPruner):
+    """Keep n random frames (a baseline). Seeded by `model.tpm_seed`: training draws a fresh selection every
+    call from a generator seeded once; evaluation reseeds on every call, so it is deterministic."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self._generator = torch.Generator().manual_seed(cfg.tpm_seed)
+
+    def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
+        b, t = x.shape[:2]
+        if self.training:
+            generator = self._generator
+        else:
+            generator = torch.Generator().manual_seed(self.cfg.tpm_seed * 1_000_003 + t)
+        return torch.rand(b, t, generator=generator).to(x.device)

@@ -1,7 +1,7 @@
 """Token Recovering Modules (TRM): restore all T frames from the n kept ones.
 
 Interface: forward(x_kept [B, n, J, C], kept_indices [B, n] original frame positions, frames T) -> [B, T, J, C].
-Registry: TRM_REGISTRY["cross_attention" | "linear" | ...].
+Registry: TRM_REGISTRY["cross_attention" | "linear" | "nearest"].
 """
 
 from __future__ import annotations
@@ -87,3 +87,23 @@ class LinearRecovery(nn.Module):
 
         w = w[:, :, None, None].to(x_kept.dtype)
         return take(left) * (1 - w) + take(right) * w
+
+
+@register_trm("nearest")
+class NearestRecovery(nn.Module):
+    """Each frame copies the kept frame nearest to it in time (original indices; the earlier one on a tie).
+    No parameters."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        super().__init__()
+
+    def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
+        b, n, j, c = x_kept.shape
+        t = torch.arange(frames, device=x_kept.device).expand(b, frames).contiguous()
+        idx = kept_indices.contiguous()
+        right = torch.searchsorted(idx, t).clamp(max=n - 1)  # first kept index >= t (or the last)
+        left = (right - 1).clamp(min=0)
+        to_left = (t - torch.gather(idx, 1, left)).abs()
+        to_right = (torch.gather(idx, 1, right) - t).abs()
+        pos = torch.where(to_left <= to_right, left, right)  # [B, T] position among the kept frames
+        return torch.gather(x_kept, 1, pos[:, :, None, None].expand(b, frames, j, c))

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 def validate_schedule(
     stages: Sequence[Sequence[int]], depth: int, frames: int, seq2frame: bool = False
 ) -> list[tuple[int, int]]:
-    """Check a schedule; raise ValueError naming the field (`model.schedule[i]...`) when it is wrong."""
+    """Check a schedule; raise ValueError naming the field (`model.schedule[i]...`) when it is wrong.
+
+    seq2frame: the TPMs always keep the centre frame (frames // 2), so any stage keeping >= 1 token has room
+    for it; the frame count must be odd so that the window has one centre.
+    """
+    if seq2frame and frames % 2 == 0:
+        # The output frame is the centre of the window; an even window has two and the data pipeline centres
+        # windows on one frame (frames // 2 of an odd count).
+        raise ValueError(f"model.frames: a seq2frame model needs an odd frame count (a centre frame), got {frames}")
     out: list[tuple[int, int]] = []
     prev_block, prev_tokens = -1, frames
     for i, stage in enumerate(stages):
@@ -33,8 +41,6 @@ def validate_schedule(
                 f"{where}: tokens must strictly decrease, got {tokens} after {prev_tokens}"
                 + (" (the frame count)" if i == 0 else "")
             )
-        if seq2frame and tokens < 1:
-            raise ValueError(f"{where}: a seq2frame schedule must keep the centre frame")
         out.append((block, tokens))
         prev_block, prev_tokens = block, tokens
     return out

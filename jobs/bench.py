@@ -1,4 +1,4 @@
-"""`h2ot bench --json [--small]`: full MixSTE vs the HoT point vs the default H2OT schedule, side by side.
+"""`h2ot bench --json [--small] [--model mixste|dstformer]`: full vs the HoT point vs the default H2OT schedule.
 
 FLOPs in both conventions (linear = the papers', total = FlopCounterMode + pruning by hand) and clips/s,
 measured in one process on batch 1: interleaved repetitions (full, hot, h2ot, full, ...), warm-up excluded,
@@ -15,7 +15,10 @@ import time
 
 from jobs._common import friendly_errors
 
-HOT_POINT_FRACTION = 1 / 3  # HoT keeps 81 of 243 frames before block 3 of 8
+HOT_POINT_FRACTION = 1 / 3  # HoT keeps 81 of 243 frames
+# ... before block 3 of 8 on MixSTE, before block 1 of 5 on MotionBERT's DSTformer (the HoT paper's points).
+HOT_BLOCK_FRACTION = {"mixste": (3, 8), "dstformer": (1, 5)}
+MODELS = ("mixste", "dstformer")
 
 
 def _variants(preset: str) -> dict:
@@ -23,7 +26,9 @@ def _variants(preset: str) -> dict:
 
     base = MODEL_PRESETS[preset]
     frames, depth = base["frames"], base["depth"]
-    hot = [[3 * depth // 8, round(frames * HOT_POINT_FRACTION)]]
+    num, den = HOT_BLOCK_FRACTION.get(base["backbone"], (3, 8))
+    block = max(1, num * depth // den)  # never block 0: pruning right after the embedding costs accuracy
+    hot = [[block, round(frames * HOT_POINT_FRACTION)]]
     schedules = {"full": [], "hot": hot, "h2ot": base["schedule"]}
     return {
         name: config_from_dict({"kind": "model", "model": {"preset": preset, "schedule": s}}).model
@@ -81,14 +86,15 @@ def run_bench(preset: str, repeats: int, warmup: int, threads: int | None) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="h2ot bench", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object (default: a table)")
-    parser.add_argument("--small", action="store_true", help="the CPU-size preset mixste_small (fast)")
-    parser.add_argument("--preset", default=None, help="model preset (default mixste, or mixste_small)")
+    parser.add_argument("--model", choices=MODELS, default="mixste", help="backbone (default mixste)")
+    parser.add_argument("--small", action="store_true", help="the CPU-size preset MODEL_small (fast)")
+    parser.add_argument("--preset", default=None, help="model preset (default MODEL, or MODEL_small)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per model")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
-    preset = args.preset or ("mixste_small" if args.small else "mixste")
-    repeats = args.repeats or (20 if preset != "mixste" else 5)
+    preset = args.preset or (f"{args.model}_small" if args.small else args.model)
+    repeats = args.repeats or (5 if preset in MODELS else 20)
     result = run_bench(preset, repeats, args.warmup, args.threads)
     if args.json:
         print(json.dumps(result))

@@ -26,6 +26,24 @@ class PoseOutput:
     frame_indices: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class CostTerms:
+    """A backbone's analytic cost, from which h2ot.flops predicts FLOPs for any schedule (MACs per joint token).
+
+    block_linear_macs: Linear MACs of one block per joint token it sees (the schedule sets the tokens per block).
+    spatial_attentions / temporal_attentions: attention layers per block over the J joints of a frame / over the
+        T' frames of a joint (their products QK^T and AV are not Linear layers: the total convention counts them).
+    input_linear_macs: Linear MACs per joint token of all T input frames before the first block (embedding).
+    output_linear_macs: Linear MACs per joint token of each output frame (head, pre-logits), after the TRM.
+    """
+
+    block_linear_macs: float
+    spatial_attentions: int
+    temporal_attentions: int
+    input_linear_macs: float
+    output_linear_macs: float
+
+
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
 
 

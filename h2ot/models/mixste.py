@@ -13,7 +13,7 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
 from h2ot.layers import Block, from_temporal, spatial_tokens, temporal_tokens
-from h2ot.models.base import PoseOutput, register_model
+from h2ot.models.base import CostTerms, PoseOutput, register_model
 
 
 def check_input(x: torch.Tensor, cfg: ModelConfig) -> None:
@@ -44,6 +44,15 @@ class MixSTE(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 3)
 
+    @classmethod
+    def cost_terms(cls, cfg: ModelConfig) -> CostTerms:
+        """Per loop one spatial and one temporal block, each 4 C^2 (qkv, proj) + 2 C hidden (MLP) MACs per token."""
+        block = 4 * cfg.dim * cfg.dim + 2 * cfg.dim * int(cfg.dim * cfg.mlp_ratio)
+        return CostTerms(
+            block_linear_macs=2 * block, spatial_attentions=1, temporal_attentions=1,
+            input_linear_macs=cfg.in_channels * cfg.dim, output_linear_macs=3 * cfg.dim,
+        )
+
     def forward(self, x: torch.Tensor) -> PoseOutput:
         check_input(x, self.cfg)
         b, _, j, _ = x.shape
@@ -53,6 +62,7 @@ class MixSTE(nn.Module):
             h = self.hourglass.before_block(h, i, state)
             t = h.shape[1]
             h = self.spatial_blocks[i](spatial_tokens(h)).reshape(b, t, j, -1)
-            h = from_temporal(self.temporal_blocks[i](temporal_tokens(h)), b, j)
+            sink = self.hourglass.attention_sink(i, state)  # set when the next block prunes by attention
+            h = from_temporal(self.temporal_blocks[i](temporal_tokens(h), sink), b, j)
         h, frame_indices = self.hourglass.finish(self.norm(h), state)
         return PoseOutput(self.head(h), state.kept_indices, frame_indices)
