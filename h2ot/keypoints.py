@@ -26,7 +26,8 @@ COCO-17 -> H36M-17 (`coco_to_h36m`), with COCO order 0 nose, 1 l_eye, 2 r_eye, 3
 - neck/nose (9) = the nose moved a quarter of the way towards the thorax (Human3.6M's joint sits between
   the nose and the base of the neck; HoT's and MHFormer's demos make the same correction);
 - head (10) = centre of the eyes and ears, moved up by the eyes-minus-nose vector (about one nose-to-eyes
-  distance above the eyes, towards the top of the head);
+  distance above the eyes, towards the top of the head); missing eyes or ears are left out of their centres
+  (ears are often undetected in profile), so the head is missing only without the nose or both eyes;
 - scores: a copied joint keeps its score; pelvis, thorax, spine and neck/nose take the minimum score of the
   joints they are made from; head takes the mean score of the five face points (ears are often weak).
 """
@@ -319,7 +320,7 @@ def coco_to_h36m(kp: np.ndarray) -> np.ndarray:
     out = np.zeros_like(kp)
     for h36m, coco in COCO_TO_H36M_COPIED.items():
         out[..., h36m, :] = kp[..., coco, :]
-    nose, eyes, face = xy[..., 0, :], xy[..., 1:3, :].mean(axis=-2), xy[..., 1:5, :].mean(axis=-2)
+    nose, eyes, face = xy[..., 0, :], _mean_present(xy[..., 1:3, :]), _mean_present(xy[..., 1:5, :])
     pelvis = xy[..., 11:13, :].mean(axis=-2)
     thorax = xy[..., 5:7, :].mean(axis=-2)
     out[..., 0, :2] = pelvis
@@ -335,6 +336,14 @@ def coco_to_h36m(kp: np.ndarray) -> np.ndarray:
         out[..., 9, 2] = s[..., [0, 5, 6]].min(axis=-1)
         out[..., 10, 2] = s[..., 0:5].mean(axis=-1)
     return out
+
+
+def _mean_present(points: np.ndarray) -> np.ndarray:
+    """Mean over axis -2 of the points that are not missing: [..., K, 2] -> [..., 2]; NaN if all are missing."""
+    present = ~np.isnan(points).any(axis=-1, keepdims=True)
+    count = present.sum(axis=-2)
+    total = np.where(present, points, 0.0).sum(axis=-2)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def to_h36m(kp: np.ndarray, layout: str) -> np.ndarray:
@@ -361,10 +370,21 @@ def model_input(kp_pixels: np.ndarray, width: int, height: int, in_channels: int
     raise KeypointError(f"the model takes {in_channels} input channels; only 2 (x, y) or 3 (x, y, score) exist")
 
 
+def drop_low_scores(kp: np.ndarray, min_score: float) -> np.ndarray:
+    """Mark keypoints whose score is below `min_score` as missing (x, y = NaN); `[T, J, 3]`. Without a score
+    channel, or with min_score <= 0, the keypoints are returned unchanged."""
+    if min_score <= 0 or kp.shape[-1] < 3:
+        return kp
+    kp = np.array(kp, dtype=np.float64, copy=True)
+    kp[kp[..., 2] < min_score, :2] = np.nan
+    return kp
+
+
 def load_sequence(
-    path: str | Path, layout: str, max_gap: int = DEFAULT_MAX_GAP
+    path: str | Path, layout: str, max_gap: int = DEFAULT_MAX_GAP, min_score: float = 0.0
 ) -> tuple[np.ndarray, int]:
-    """Load, validate, convert to H36M-17 and fill short gaps -> (pixels `[T, 17, 2|3]`, filled joint-frames)."""
+    """Load, validate, drop keypoints scored below `min_score` (in the file's layout, so derived joints inherit the
+    gap), convert to H36M-17 and fill short gaps -> (pixels `[T, 17, 2|3]`, filled joint-frames)."""
     source = str(path)
-    kp = validate_keypoints(load_keypoints(path), source)
+    kp = drop_low_scores(validate_keypoints(load_keypoints(path), source), min_score)
     return fill_gaps(to_h36m(kp, layout), max_gap, source)

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
     p.add_argument("--max-gap", type=int, default=DEFAULT_MAX_GAP,
                    help="longest run of missing (NaN) frames per joint that is interpolated (default %(default)s)")
+    p.add_argument("--min-score", type=float, default=0.0,
+                   help="treat keypoints scored below this as missing (then interpolated like NaN); default off")
     p.add_argument("--animation", choices=("auto", "gif", "mp4", "none"), default="auto",
                    help="3D skeleton animation: auto = mp4 where ffmpeg exists, else gif")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate of the animation")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from h2ot.keypoints import load_sequence, model_input
 
     try:
-        kp_pixels, filled = load_sequence(args.input, args.layout, args.max_gap)
+        kp_pixels, filled = load_sequence(args.input, args.layout, args.max_gap, args.min_score)
     except ValueError as e:
         raise UserError(str(e)) from None
     if filled:

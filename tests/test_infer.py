@@ -15,6 +15,7 @@ from h2ot.inference import infer_sequence, plan_windows
 from h2ot.keypoints import (
     KeypointError,
     coco_to_h36m,
+    drop_low_scores,
     fill_gaps,
     load_keypoints,
     load_sequence,
@@ -167,6 +168,14 @@ def test_coco_to_h36m_hand_made_pose():
     assert h36m[10, 1] < h36m[9, 1] < h36m[8, 1] < h36m[7, 1] < h36m[0, 1]  # head above neck above ... pelvis
 
 
+def test_coco_head_without_ears():
+    coco = np.zeros((17, 2))
+    coco[0], coco[1], coco[2] = [100, 50], [104, 46], [96, 46]
+    coco[3:5] = np.nan  # ears not detected (profile)
+    head = coco_to_h36m(coco[None])[0, 10]
+    np.testing.assert_allclose(head, [100, 42])  # eyes (100, 46) + (eyes - nose) (0, -4)
+
+
 def test_coco_to_h36m_without_scores():
     out = coco_to_h36m(np.random.default_rng(0).random((4, 17, 2)))
     assert out.shape == (4, 17, 2)
@@ -248,6 +257,16 @@ def test_short_gap_interpolated_linearly_long_gap_refused():
         fill_gaps(kp, max_gap=2)
 
 
+def test_low_scores_become_gaps():
+    kp = np.concatenate([np.tile(np.arange(6.0)[:, None, None], (1, 17, 2)), np.ones((6, 17, 1))], axis=-1)
+    kp[2, 5, 2] = 0.1
+    dropped = drop_low_scores(kp, 0.3)
+    assert np.isnan(dropped[2, 5, :2]).all() and np.isfinite(np.delete(dropped, 5, axis=1)).all()
+    filled, count = fill_gaps(dropped)
+    assert count == 1 and filled[2, 5, 0] == 2.0
+    np.testing.assert_array_equal(drop_low_scores(kp[..., :2], 0.3), kp[..., :2])  # no score channel: unchanged
+
+
 def test_load_sequence_converts_coco(tmp_path):
     np.save(tmp_path / "coco.npy", np.random.default_rng(0).random((8, 17, 3)) * 500)
     kp, filled = load_sequence(tmp_path / "coco.npy", "coco17")
@@ -322,6 +341,13 @@ def test_missing_image_size(tmp_path, capsys, checkpoint, drop, message):
     del argv[i : i + 2]
     assert infer_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+def test_cuda_without_gpu(tmp_path, capsys, checkpoint):
+    np.save(tmp_path / "kp.npy", _keypoints(10))
+    code, _, err = _run(capsys, checkpoint, tmp_path / "kp.npy", tmp_path / "out", "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in err
 
 
 def test_unreadable_checkpoint(tmp_path, capsys):
