@@ -19,6 +19,7 @@ from pathlib import Path
 from jobs._common import UserError, friendly_errors, setup_logging
 
 log = logging.getLogger("h2ot.infer")
+MAX_ERROR_CHARS = 200
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +90,19 @@ def _load_model(path: str, device: str):
     except FileNotFoundError:
         raise UserError(f"--checkpoint {path}: no such file") from None
     except (ValueError, ConfigError, RuntimeError, KeyError) as e:
-        raise UserError(f"--checkpoint {path}: cannot load the model ({e})") from None
+        if "Weights only load failed" in str(e):  # torch's advice to unpickle arbitrary code is not ours to give
+            raise UserError(
+                f"--checkpoint {path}: cannot load the model (not a file written by h2ot's save_checkpoint: it holds "
+                "objects that a weights-only load refuses)"
+            ) from None
+        raise UserError(f"--checkpoint {path}: cannot load the model ({_one_line(e)})") from None
     return model, cfg
+
+
+def _one_line(error: Exception, limit: int = MAX_ERROR_CHARS) -> str:
+    """The first line of an error message, shortened (torch's unpickling errors run to many lines)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_json(path: Path, poses, fps: float) -> None:

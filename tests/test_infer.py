@@ -354,6 +354,6 @@ def test_unreadable_checkpoint(tmp_path, capsys):
     np.save(tmp_path / "kp.npy", _keypoints(10))
     (tmp_path / "model.pt").write_bytes(b"garbage")
     code, _, err = _run(capsys, tmp_path / "model.pt", tmp_path / "kp.npy", tmp_path / "out")
-    assert code == 2 and "cannot load the model" in err and "Traceback" not in err
+    assert code == 2 and "cannot load the model" in err and "Traceback" not in err and err.count("\n") == 1
     code, _, err = _run(capsys, tmp_path / "absent.pt", tmp_path / "kp.npy", tmp_path / "out")
     assert code == 2 and "no such file" in err
