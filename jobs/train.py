@@ -132,7 +132,8 @@ def build_trainer(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": WORKER_ENV})
+        # "local": a fresh single-node instance, never a cluster some other `ray start` left on this host
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env={"env_vars": WORKER_ENV})
     name = resolve_name(cfg, data_dir, name)
     tracking = None
     if mlflow is True:

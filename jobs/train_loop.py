@@ -92,7 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     use_amp = bool(ocfg.amp) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_epoch, global_step, best = 0, 0, {"val/mpjpe_mm": math.inf}
+    start_epoch, global_step, best, elapsed = 0, 0, {"val/mpjpe_mm": math.inf}, 0.0
     best_dir = Path(tempfile.mkdtemp(prefix="h2ot-best-"))  # this worker's copy of the best model so far
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -105,6 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, global_step, best = int(state["epoch"]) + 1, int(state["global_step"]), dict(state["best"])
+        elapsed = float(state.get("elapsed_s", 0.0))
         log.info("rank %d: resumed after epoch %d (step %d)", rank, start_epoch, global_step)
     if start_epoch >= ocfg.epochs:
         log.info("rank %d: all %d epochs already trained; nothing to do", rank, ocfg.epochs)
@@ -171,6 +172,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             raise ValueError(f"{config['data_dir']}/train: no full batch of {ocfg.batch_size} clips for this worker")
         scheduler.step()
         train_seconds = wait + busy
+        elapsed += train_seconds
 
         acc, timing = evaluate(getattr(model, "module", model), test, mcfg.in_channels, ocfg.eval_batch_size,
                                ocfg.test_flip, device)
@@ -197,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "data_wait_frac": float(totals[2] / totals[3]),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": train_seconds + timing["seconds"],
+            "train_time_s": elapsed,  # cumulative training time (rank 0, evaluation excluded), for equal-time views
         }
         is_best = metrics["val/mpjpe_mm"] < best["val/mpjpe_mm"]
         if is_best:
@@ -206,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             if rank == 0:
                 torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                            "global_step": global_step, "best": best}, Path(tmp) / STATE_FILE)
+                            "global_step": global_step, "best": best, "elapsed_s": elapsed}, Path(tmp) / STATE_FILE)
                 meta = {"manifest_hash": config.get("manifest_hash"), "git_rev": config.get("git_rev"),
                         "epoch": epoch + 1, "metrics": metrics, "per_action": result["per_action"],
                         "train_config": to_dict(cfg), "data_dir": config["data_dir"]}
