@@ -38,9 +38,12 @@ class Source:
 
 def virtual_cameras(pose_world: np.ndarray, cfg: PreprocessConfig) -> list[Camera]:
     """The configured ring of virtual cameras around a sequence: centred on the middle of the pelvis path
-    (world metres, z up), at `camera_height_m`, looking at the mean pelvis height, `camera_radius_m` away."""
+    (world metres, z up), at `camera_height_m`, looking at the mean pelvis height, `camera_radius_m` plus the
+    path's half diagonal away (so a subject crossing the room stays in the images)."""
     root = pose_world[:, 0]
     centre = (root.min(0) + root.max(0)) / 2
+    half_diagonal = float(np.linalg.norm(root.max(0)[:2] - root.min(0)[:2]) / 2)
     target = np.array([centre[0], centre[1], float(np.mean(root[:, 2]))])
-    ring = camera_ring(target, n=cfg.n_cameras, radius_m=cfg.camera_radius_m, height_m=cfg.camera_height_m)
+    ring = camera_ring(target, n=cfg.n_cameras, radius_m=cfg.camera_radius_m + half_diagonal,
+                       height_m=cfg.camera_height_m)
     return ring

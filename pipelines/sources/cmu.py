@@ -149,6 +149,8 @@ def parse_asf(path: str | Path) -> AsfSkeleton:
             elif section == "hierarchy":
                 if tok[0] not in ("begin", "end"):
                     hierarchy.append((i, tok))
+        except BadSequence:
+            raise
         except (ValueError, IndexError) as e:
             _fail(path, i, f"malformed line {raw.strip()!r} ({e})")
     if not skel.bones:

@@ -1,0 +1,270 @@
+"""pipelines/ sources: bad inputs quarantined with reasons (count invariant), restricted unpickler, CMU/BVH/3DHP."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from h2ot.skeleton import bone_lengths
+from pipelines import build_shards, read_split
+from pipelines.records import PipelineError
+from pipelines.safe_npz import UnsafePickle, load_npz
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+H36M_MINI = SHARED / "h36m" / "data_3d_h36m_mini.npz"
+CMU = SHARED / "cmu_asfamc"
+
+
+def _walk(n: int = 60, joints: int = 32) -> np.ndarray:
+    """A standing pose moving slowly along y, [n, joints, 3] world metres near the room centre."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.01, size=(joints, 3))
+    base[:, 2] += 1.0
+    x = np.repeat(base[None], n, axis=0)
+    x[..., 1] += np.linspace(-0.5, 0.5, n)[:, None]
+    return x.astype(np.float32)
+
+
+def _save_h36m(path: Path, positions: dict) -> str:
+    np.savez(path, positions_3d=np.array(positions, dtype=object))
+    return str(path)
+
+
+def _bad_file(tmp_path: Path) -> str:
+    nan = _walk()
+    nan[10, 3, 0] = np.nan
+    return _save_h36m(tmp_path / "bad.npz", {
+        "S1": {"Good": _walk(), "NaN": nan, "Short": _walk(3), "Empty": _walk(0), "Joints": _walk(joints=20),
+               "Rank": _walk()[:, :, 0], "Absurd": _walk() * 1000, "Text": "not an array"},
+        "S2": {"Walking": _walk()},  # no calibration for S2
+        "S5": "not a dict",
+        "S9": {"Good": _walk(), "ShortDet": _walk(), "LongDet": _walk()},
+    })
+
+
+def test_every_bad_h36m_input_is_quarantined_with_its_reason(tmp_path):
+    path = _bad_file(tmp_path)
+    det = {"S9": {"Good": [np.full((60, 17, 2), 500.0)] * 4, "ShortDet": [np.full((50, 17, 2), 500.0)] * 4,
+                  "LongDet": [np.full((70, 17, 2), 500.0)] * 4}}
+    np.savez(tmp_path / "det.npz", positions_2d=np.array(det, dtype=object))
+    det_path = str(tmp_path / "det.npz")
+    m = build_shards("h36m", out=tmp_path / "o", frames=27, stride=27, input=path,
+                     train_subjects=["S1", "S2", "S5"], test_subjects=["S9"])
+    assert m["sequences_in"] == m["sequences_written"] + m["sequences_quarantined"]
+    assert m["sequences_written"] == 4 * 4  # S1 Good, S9 Good/ShortDet/LongDet x 4 cameras
+    md = build_shards("h36m", out=tmp_path / "od", frames=27, stride=27, input=path, input_2d=det_path,
+                      train_subjects=[], test_subjects=["S9"])
+    m["quarantine"] += md["quarantine"]
+    reasons = {(q["subject"], q["action"]): q["reason"] for q in m["quarantine"]}
+    assert "NaN/inf at frame 10" in reasons[("S1", "NaN")]
+    assert "too short" in reasons[("S1", "Short")]
+    assert "empty" in reasons[("S1", "Empty")]
+    assert "wrong joint count" in reasons[("S1", "Joints")]
+    assert "rank 2" in reasons[("S1", "Rank")]
+    assert "absurd" in reasons[("S1", "Absurd")]
+    assert "not an array" in reasons[("S1", "Text")]
+    assert "unknown subject S2" in reasons[("S2", "Walking")]
+    assert "not a dict" in reasons[("S5", None)]
+    assert "2D/3D length mismatch" in reasons[("S9", "ShortDet")]
+    assert ("S9", "LongDet") not in reasons  # longer detections are truncated, as VideoPose3D does
+    assert all(q["file"] for q in m["quarantine"])
+    assert md["sequences_in"] == md["sequences_written"] + md["sequences_quarantined"] == 3 * 4
+    assert set(md["reprojection_px"]) == {"54138969", "55011271", "58860488", "60457274"}
+    # --strict fails on the first bad sequence instead, naming it
+    with pytest.raises(PipelineError, match="S1/NaN"):
+        build_shards("h36m", out=tmp_path / "strict", frames=27, input=path, train_subjects=["S1"],
+                     test_subjects=[], strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_crafted_pickle_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    arr = np.empty((), dtype=object)
+    arr[()] = {"S1": Evil()}
+    np.savez(tmp_path / "evil.npz", positions_3d=arr)
+    with pytest.raises(UnsafePickle, match="posix.system|os.system|nt.system"):
+        load_npz(tmp_path / "evil.npz")
+    assert not marker.exists()
+    # plain data still loads, and the CLI gives one line and exit 2
+    from jobs.preprocess import main
+
+    assert main(["--source", "h36m", "--input", str(tmp_path / "evil.npz"), "--out", str(tmp_path / "o"),
+                 "--no-ray", "--no-progress"]) == 2
+    assert not marker.exists()
+    assert pickle.loads(pickle.dumps({"a": [1, 2.0, "x", (None, True)]})) == {"a": [1, 2.0, "x", (None, True)]}
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"this is not a zip", "not an npz"),
+    (None, "truncated|not an npz"),
+])
+def test_unreadable_input_is_one_line_and_exit_2(tmp_path, capsys, content, match):
+    from jobs.preprocess import main
+
+    path = tmp_path / "broken.npz"
+    if content is None:  # a truncated real file
+        good = _save_h36m(tmp_path / "good.npz", {"S1": {"Walking": _walk(500)}})
+        content = Path(good).read_bytes()[:2000]
+    path.write_bytes(content)
+    code = main(["--source", "h36m", "--input", str(path), "--out", str(tmp_path / "o"), "--no-ray",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "broken.npz" in err[0] and "Traceback" not in err[0]
+    import re
+    assert re.search(match, err[0])
+    np.savez(tmp_path / "nokey.npz", something=np.zeros(3))
+    assert main(["--source", "h36m", "--input", str(tmp_path / "nokey.npz"), "--out", str(tmp_path / "o"),
+                 "--no-ray", "--no-progress"]) == 2
+    assert "missing key 'positions_3d'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- CMU
+@pytest.mark.skipif(not (CMU / "02" / "02.asf").is_file(), reason="shared data (../shared) not present")
+def test_cmu_mapping_is_human_and_upright():
+    from pipelines.sources.cmu import load_trial
+
+    x = load_trial(CMU / "02" / "02.asf", CMU / "02" / "02_03.amc", fps=50.0)
+    assert len(x) == int((173 - 1) / 120 * 50) + 1  # 120 -> 50 fps
+    b = bone_lengths(x).mean(0)  # BONES order: hips, thighs, shins, spine, ..., arms
+    thigh, shin, upper_arm = b[1], b[2], b[11]
+    assert 0.35 < thigh < 0.5 and 0.35 < shin < 0.5 and 0.22 < upper_arm < 0.35
+    assert 0.1 < b[0] < 0.16  # pelvis -> hip
+    z = x[..., 2]
+    assert np.all(x[:, 10, 2] > x[:, 0, 2] + 0.4) and np.all(x[:, 0, 2] > x[:, 3, 2] + 0.5)  # head > pelvis > ankle
+    assert 1.4 < np.median(x[:, 10, 2]) < 1.9 and abs(np.median(np.minimum(z[:, 3], z[:, 6])) - 0.08) < 1e-6
+    # left/right: the right hip is on the right of the walking direction
+    right = x[:, 1, :2] - x[:, 4, :2]
+    vel = np.gradient(x[:, 0, :2], axis=0)
+    cross = vel[:, 0] * right[:, 1] - vel[:, 1] * right[:, 0]  # z of vel x right: < 0 when right is on the right
+    assert (cross < 0).mean() > 0.9
+
+
+def _write_asf_amc(tmp_path: Path, bad_line: str | None = None) -> Path:
+    src = CMU / "02"
+    d = tmp_path / "cmu" / "02"
+    d.mkdir(parents=True)
+    (d / "02.asf").write_text((src / "02.asf").read_text())
+    lines = (src / "02_03.amc").read_text().splitlines()
+    (d / "02_03.amc").write_text("\n".join(lines) + "\n")
+    if bad_line is not None:
+        bad = list(lines)
+        bad[40] = bad_line
+        (d / "02_02.amc").write_text("\n".join(bad) + "\n")
+        (d / "02_04.amc").write_text("\n".join(lines[:-5]) + "\n")  # truncated mid-frame: still parses
+    return tmp_path / "cmu"
+
+
+@pytest.mark.skipif(not (CMU / "02" / "02.asf").is_file(), reason="shared data (../shared) not present")
+def test_cmu_build_quarantines_malformed_amc(tmp_path):
+    root = _write_asf_amc(tmp_path, bad_line="lfemur 1.0 two 3.0")
+    m = build_shards("cmu", out=tmp_path / "o", frames=27, stride=27, input=str(root), n_cameras=2,
+                     test_subjects=[])
+    bad = [q for q in m["quarantine"] if q["action"] == "02_02"]
+    assert len(bad) == 2 and "02_02.amc:41: malformed numbers" in bad[0]["reason"]
+    assert m["sequences_in"] == m["sequences_written"] + m["sequences_quarantined"]
+    train = read_split(tmp_path / "o", "train")
+    assert set(train["action"]) == {"02_03", "02_04"} and set(train["camera"]) == {"virt0", "virt1"}
+    assert np.abs(train["pose_2d"]).max() < 1.0
+
+
+# ----------------------------------------------------------------------------------------------- BVH
+# (name, offset in cm, children); leaves get an End Site. Y up, like most BVH exports.
+BVH_SKELETON = ("Hips", (0, 0, 0), [
+    ("RightUpLeg", (-10, 0, 0), [("RightLeg", (0, -45, 0), [("RightFoot", (0, -45, 0), [])])]),
+    ("LeftUpLeg", (10, 0, 0), [("LeftLeg", (0, -45, 0), [("LeftFoot", (0, -45, 0), [])])]),
+    ("Spine1", (0, 23, 0), [("Spine2", (0, 25, 0), [
+        ("Neck", (0, 12, 0), [("Head", (0, 11, 0), [])]),
+        ("LeftArm", (15, 0, 0), [("LeftForeArm", (28, 0, 0), [("LeftHand", (25, 0, 0), [])])]),
+        ("RightArm", (-15, 0, 0), [("RightForeArm", (-28, 0, 0), [("RightHand", (-25, 0, 0), [])])]),
+    ])]),
+])
+
+
+def _bvh_joint(node, depth: int, root: bool = False) -> list[str]:
+    name, off, children = node
+    pad = "  " * depth
+    channels = "CHANNELS 6 Xposition Yposition Zposition Zrotation Xrotation Yrotation" if root \
+        else "CHANNELS 3 Zrotation Xrotation Yrotation"
+    lines = [f"{pad}{'ROOT' if root else 'JOINT'} {name}", f"{pad}{{", f"{pad}  OFFSET {off[0]} {off[1]} {off[2]}",
+             f"{pad}  {channels}"]
+    for child in children:
+        lines += _bvh_joint(child, depth + 1)
+    if not children:
+        lines += [f"{pad}  End Site", f"{pad}  {{", f"{pad}    OFFSET 0 5 0", f"{pad}  }}"]
+    return lines + [f"{pad}}}"]
+
+
+def _bvh_text(frames: int = 120) -> str:
+    n_ch = 6 + 3 * 16
+    rows = []
+    for f in range(frames):
+        row = np.zeros(n_ch)
+        row[:3] = [0, 100, f * 1.0]  # cm, y up, walking along z
+        row[6 + 1] = 20 * np.sin(f / 10)  # right hip flexion (X rotation)
+        rows.append(" ".join(f"{v:.4f}" for v in row))
+    return "\n".join(["HIERARCHY"] + _bvh_joint(BVH_SKELETON, 0, root=True)) \
+        + f"\nMOTION\nFrames: {frames}\nFrame Time: 0.0333333\n" + "\n".join(rows) + "\n"
+
+
+def test_bvh_source_maps_units_axes_and_quarantines_bad_files(tmp_path):
+    d = tmp_path / "bvh" / "subjA"
+    d.mkdir(parents=True)
+    (d / "walk.bvh").write_text(_bvh_text())
+    (d / "broken.bvh").write_text(_bvh_text().replace("CHANNELS 3 Zrotation Xrotation Yrotation", "CHANNELS 3 Z", 1))
+    (d / "short.bvh").write_text(_bvh_text()[:-200])
+    m = build_shards("bvh", out=tmp_path / "o", frames=27, stride=27, input=str(tmp_path / "bvh"), n_cameras=1,
+                     test_subjects=[])
+    reasons = {q["action"]: q["reason"] for q in m["quarantine"]}
+    assert "CHANNELS says 3 but lists 1" in reasons["broken"] and "broken.bvh:" in reasons["broken"]
+    assert "walk" not in reasons and "short" in reasons
+    assert m["sequences_in"] == m["sequences_written"] + m["sequences_quarantined"] == 3
+    from pipelines.sources.bvh import _load
+
+    x = _load(str(d / "walk.bvh"), os.stat(d / "walk.bvh").st_mtime_ns, 50.0, ())
+    assert len(x) == int(119 * 0.0333333 * 50) + 1  # 30 -> 50 fps
+    b = bone_lengths(x)[0]
+    np.testing.assert_allclose(b[1], 0.45, atol=1e-4)  # cm -> metres
+    assert x[0, 10, 2] > x[0, 0, 2] > x[0, 3, 2]  # y up -> z up
+
+
+# ----------------------------------------------------------------------------------------------- 3DHP
+def test_3dhp_layout_joint_order_and_valid_frames(tmp_path):
+    from pipelines.sources.mpi3dhp import MPI3DHP_TO_H36M
+
+    rng = np.random.default_rng(0)
+    h36m_like = np.load(H36M_MINI, allow_pickle=True)["positions_3d"].item()["S9"]["Walking"] \
+        if H36M_MINI.is_file() else None
+    t = 100
+    x3_h36m = rng.normal(0, 0.2, size=(t, 17, 3)) + [0, 0, 4.0] if h36m_like is None else \
+        h36m_like[:t, [0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 17, 18, 19, 25, 26, 27]] + [0, 0, 4.0]
+    inv = np.argsort(MPI3DHP_TO_H36M)
+    x3 = x3_h36m[:, inv] * 1000.0  # 3DHP order, mm
+    x2 = rng.uniform(100, 1900, size=(t, 17, 2))
+    valid = np.ones(t, bool)
+    valid[:10] = False
+    data = {"TS1": {"data_3d": x3, "data_2d": x2, "valid": valid},
+            "TS5": {"data_3d": x3, "data_2d": x2},
+            "TS9": {"data_3d": x3[:, :15], "data_2d": x2}}
+    np.savez(tmp_path / "data_test_3dhp.npz", data=np.array(data, dtype=object))
+    m = build_shards("3dhp", out=tmp_path / "o", frames=27, input=str(tmp_path / "data_test_3dhp.npz"))
+    assert [q["subject"] for q in m["quarantine"]] == ["TS9"] and "expected [T, 17, 3]" in m["quarantine"][0]["reason"]
+    test = read_split(tmp_path / "o", "test")
+    assert set(test["subject"]) == {"TS1", "TS5"}
+    ts1 = test["subject"] == "TS1"
+    assert test["valid"][ts1].sum() == t - 10
+    rel = x3_h36m - x3_h36m[:, :1]
+    starts = test["start"][ts1]
+    first = int(np.argmax(starts >= 0))
+    np.testing.assert_allclose(test["pose_3d"][ts1][first, 0], rel[starts[first]], atol=1e-5)
+    # 2D normalised by the sequence's own image size (TS1 2048x2048, TS5 1920x1080)
+    u = test["pose_2d"][ts1][first, 0, 0, 0]
+    assert u == pytest.approx(x2[starts[first], MPI3DHP_TO_H36M[0], 0] / 2048 * 2 - 1, abs=1e-5)
