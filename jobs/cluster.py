@@ -51,6 +51,7 @@ DEFAULT_SUBNET = "10.213.7.0/24"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # tiny clusters: the default (30% of RAM per node) is far too much here
 START_TIMEOUT_S = 90.0
 STOP_GRACE_S = 10.0
+NS_IFNAME = "eth0"  # the node's interface inside its namespace
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -253,7 +254,7 @@ def setup_network(state: ClusterState, names: list[str]) -> None:
     _run(["ip", "addr", "add", f"{state.bridge_ip}/{net.prefixlen}", "dev", state.bridge])
     _run(["ip", "link", "set", state.bridge, "up"])
     for i, name in enumerate(names):
-        ns, host_end, ns_end, ip = f"h2ot-{state.id}-{name}", f"h2v{state.id}{i}", "eth0", str(hosts[i + 1])
+        ns, host_end, ns_end, ip = f"h2ot-{state.id}-{name}", f"h2v{state.id}{i}", NS_IFNAME, str(hosts[i + 1])
         state.namespaces.append(ns)
         state.links.append(host_end)
         state.nodes.append(NodeState(name=name, ip=ip, netns=ns))
@@ -283,6 +284,7 @@ def teardown_network(state: ClusterState) -> None:
 def check_port_free(host: str, port: int, what: str, option: str) -> None:
     """Raise a UserError naming the port, the service and the option to change it, if `host:port` is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "taken"
         try:
             sock.bind((host, port))
         except OSError as e:
@@ -298,6 +300,12 @@ def _node_env(state: ClusterState) -> dict[str, str]:
     env.update(state.client_env())
     env[MARKER] = state.id
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # job drivers run `python`
+    if state.mlflow_host:  # jobs on the cluster log to its MLflow server unless their runtime_env says otherwise
+        env["MLFLOW_TRACKING_URI"] = state.mlflow_url
+    if state.mode == "netns":
+        # Every namespace shares the host's name, which resolves to loopback: torch.distributed (gloo) would then
+        # announce 127.0.0.1 to the other node. Name the namespace's own interface instead.
+        env["GLOO_SOCKET_IFNAME"] = NS_IFNAME
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     return env
@@ -413,6 +421,9 @@ def start_mlflow(state: ClusterState) -> None:
         str(state.mlflow_port),
         "--workers",
         "1",
+        # The UI calls its own API from this origin; MLflow's default allows only localhost origins.
+        "--cors-allowed-origins",
+        state.mlflow_url,
     ]
     log_path = Path(state.state_dir) / "logs" / "mlflow.log"
     state.mlflow_pid, state.mlflow_start_ticks = _spawn(cmd, env, log_path)
