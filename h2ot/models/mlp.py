@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from h2ot.config import ConfigError, ModelConfig
-from h2ot.models.base import PoseOutput, register_model
+from h2ot.models.base import CostTerms, PoseOutput, register_model
 from h2ot.models.mixste import check_input
 
 
@@ -41,6 +41,17 @@ class MLPLifter(nn.Module):
         self.embed = nn.Linear(cfg.joints * cfg.in_channels, cfg.dim)
         self.blocks = nn.Sequential(*(ResidualBlock(cfg.dim, cfg.dropout) for _ in range(cfg.depth)))
         self.head = nn.Linear(cfg.dim, cfg.joints * 3)
+
+    @classmethod
+    def cost_terms(cls, cfg: ModelConfig) -> CostTerms:
+        """Per frame: embedding J*C_in*dim, `depth` blocks of 2 dim^2, head dim*J*3 MACs, as per joint token
+        (divided by J). seq2frame lifts only the centre frame: the per-T-frame terms are divided by T."""
+        share = 1.0 / cfg.frames if cfg.seq2frame else 1.0
+        return CostTerms(
+            block_linear_macs=2 * cfg.dim * cfg.dim / cfg.joints * share, spatial_attentions=0,
+            temporal_attentions=0, input_linear_macs=cfg.in_channels * cfg.dim * share,
+            output_linear_macs=3 * cfg.dim,
+        )
 
     def forward(self, x: torch.Tensor) -> PoseOutput:
         check_input(x, self.cfg)

@@ -1,0 +1,83 @@
+"""`h2ot eval`: one JSON object, the same numbers twice, MPJPE equal to a hand-computed value. No Ray."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import write_tiny_shards
+
+from h2ot.checkpoint import save_checkpoint
+from h2ot.config import ModelConfig
+from h2ot.models import build_model
+from h2ot.skeleton import flip_pose
+from jobs import eval as eval_job
+from pipelines.shards import read_split
+
+FRAMES = 27
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"), frames=FRAMES, n_train=16, n_test=24)
+
+
+def constant_pose_checkpoint(path, seed: int = 0) -> np.ndarray:
+    """An MLP whose prediction is the same pose c [17, 3] for every frame (all weights 0, head bias = c)."""
+    cfg = ModelConfig(backbone="mlp", frames=FRAMES, dim=16, depth=1, schedule=[])
+    model = build_model(cfg)
+    c = np.random.default_rng(seed).normal(0, 0.2, (17, 3)).astype(np.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.head.bias.copy_(torch.from_numpy(c.reshape(-1)))
+    save_checkpoint(path, model, cfg, {"manifest_hash": "test"})
+    return c
+
+
+def run_eval(capsys, *args: str) -> dict:
+    assert eval_job.main(list(args)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, "exactly one JSON object on stdout"
+    return json.loads(lines[0])
+
+
+def test_eval_matches_hand_computed_mpjpe_and_is_repeatable(tmp_path, shards, capsys) -> None:
+    c = constant_pose_checkpoint(tmp_path / "model.pt")
+    argv = ["--checkpoint", str(tmp_path / "model.pt"), "--data", str(shards), "--json"]
+    first, second = run_eval(capsys, *argv), run_eval(capsys, *argv)
+    assert first == {**second, "clips_per_s": first["clips_per_s"]}  # timing aside, identical
+    for key in ("mpjpe_mm", "p_mpjpe_mm", "mpjve_mm", "gflops", "frames", "per_action"):
+        assert key in first
+
+    test = read_split(shards, "test")
+    valid = test["valid"].astype(bool)
+    pred = (c + flip_pose(c)) / 2  # test-time flip of a constant prediction
+    per_frame = np.linalg.norm(pred[None, None] - test["pose_3d"], axis=-1).mean(-1)  # [N, T]
+    expected = per_frame[valid].mean() * 1000
+    assert first["frames"] == int(valid.sum())
+    assert first["mpjpe_mm"] == pytest.approx(expected, rel=1e-5)
+    # a constant prediction has zero velocity: MPJVE is the mean speed of the ground truth
+    steps = valid[:, 1:] & valid[:, :-1]
+    speed = np.linalg.norm(np.diff(test["pose_3d"], axis=1), axis=-1).mean(-1)
+    assert first["mpjve_mm"] == pytest.approx(speed[steps].mean() * 1000, rel=1e-5)
+    assert set(first["per_action"]) == set(test["action"])
+
+    no_flip = run_eval(capsys, *argv, "--no-flip")
+    plain = np.linalg.norm(c[None, None] - test["pose_3d"], axis=-1).mean(-1)[valid].mean() * 1000
+    assert no_flip["mpjpe_mm"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_eval_window_length_mismatch_is_a_clear_error(tmp_path, capsys) -> None:
+    other = write_tiny_shards(tmp_path / "f9", frames=9, n_train=4, n_test=4, files_per_split=1)
+    constant_pose_checkpoint(tmp_path / "model.pt")
+    assert eval_job.main(["--checkpoint", str(tmp_path / "model.pt"), "--data", str(other), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "9 frames" in err and "model.frames is 27" in err
+
+
+def test_eval_missing_checkpoint(tmp_path, shards, capsys) -> None:
+    assert eval_job.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(shards)]) == 2
+    assert "no such file" in capsys.readouterr().err
