@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 Array = Any  # np.ndarray | torch.Tensor
 
@@ -158,12 +157,15 @@ class Camera:
 
 # ------------------------------------------------------------------------------------- geometry
 def _is_torch(x: Array) -> bool:
-    return isinstance(x, torch.Tensor)
+    # Checked by type name, so that numpy-only users (the Ray Data workers) never import torch.
+    return type(x).__module__.split(".")[0] == "torch"
 
 
 def _like(value: Any, ref: Array) -> Array:
     """`value` (numpy/list) as the array kind and dtype of `ref`."""
     if _is_torch(ref):
+        import torch
+
         return torch.as_tensor(np.asarray(value), dtype=ref.dtype, device=ref.device)
     return np.asarray(value, dtype=ref.dtype if np.issubdtype(ref.dtype, np.floating) else np.float64)
 

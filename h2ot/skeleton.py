@@ -6,8 +6,9 @@ Joint order: 0 pelvis, 1 r_hip, 2 r_knee, 3 r_ankle, 4 l_hip, 5 l_knee, 6 l_ankl
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import torch
 
 NUM_JOINTS = 17
 JOINT_NAMES: tuple[str, ...] = (
@@ -39,16 +40,17 @@ FLIP_PERMUTATION: tuple[int, ...] = _flip_permutation()
 BONES: tuple[tuple[int, int], ...] = tuple((j, p) for j, p in enumerate(PARENTS) if p >= 0)
 
 
-def flip_pose(pose: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+def flip_pose(pose: Any) -> Any:
     """Mirror a pose left<->right: negate x and swap left/right joints.
 
-    pose: [..., J=17, C] (C >= 1; the first channel is x). Works for 2D (x, y[, conf]) and 3D; flipping twice
+    pose: [..., J=17, C] numpy array or torch tensor (C >= 1; the first channel is x). Works for 2D
+    (x, y[, conf]) and 3D; flipping twice
     returns the input.
     """
     if pose.shape[-2] != NUM_JOINTS:
         raise ValueError(f"flip_pose expects {NUM_JOINTS} joints on axis -2, got shape {tuple(pose.shape)}")
     flipped = pose[..., list(FLIP_PERMUTATION), :]
-    flipped = flipped.clone() if isinstance(flipped, torch.Tensor) else flipped.copy()
+    flipped = flipped.clone() if hasattr(flipped, "clone") else flipped.copy()
     flipped[..., 0] = -flipped[..., 0]
     return flipped
 
