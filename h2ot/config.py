@@ -132,7 +132,64 @@ class ModelFileConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
-CONFIG_KINDS: dict[str, type] = {"model": ModelFileConfig, "train": TrainConfig}
+# --------------------------------------------------------------------------------------------- tuning
+@dataclass
+class SearchSpace:
+    """What `h2ot tune` draws each trial from (h2ot.search.sample_trials); every drawn schedule is valid.
+
+    A schedule of k stages takes k distinct `blocks` (ascending) and k distinct `tokens` (descending), so the
+    tokens decrease and the blocks increase by construction. `include` schedules (e.g. the full model `[]` and
+    HoT's one stage) are always trials, first; `lr` is a log-uniform range [low, high] (or one value).
+    """
+
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3])  # stage counts to draw from (0 = full model)
+    tokens: list[int] = field(default_factory=list)  # kept-token counts a stage may use, each < model.frames
+    blocks: list[int] | None = None  # blocks a stage may start at; None: 1 .. depth-1 (pruning at 0 hurts)
+    tpm: list[str] = field(default_factory=lambda: ["dpc_knn"])  # h2ot.pruning.TPM_REGISTRY names
+    trm: list[str] = field(default_factory=lambda: ["cross_attention"])  # h2ot.recovery.TRM_REGISTRY names
+    lr: list[float] = field(default_factory=list)  # [low, high] log-uniform, [value], or [] (the base lr)
+    include: list[list[list[int]]] = field(default_factory=list)  # schedules tried in every search
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = 16  # trials, `include` ones counted
+    seed: int = 0  # of the sampler (the same seed draws the same trials)
+    metric: str = "val/mpjpe_mm"
+    mode: str = "min"
+    scheduler: str = "asha"  # "asha" or "none" (FIFO: every trial runs all epochs)
+    grace_period: int = 1  # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
+    workers_per_trial: int | None = None  # Ray Train workers per trial; None: the base config's, capped to the cluster
+    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (ECOSYSTEM.md: starvation otherwise)
+    hot_schedule: list[list[int]] = field(default_factory=list)  # the one-stage HoT point marked on the plot
+
+
+@dataclass
+class TuneConfig:
+    """`h2ot tune`: search `space` around the train config `base` (a path relative to this file), each trial
+    trained with `base` + `train_overrides` (dotted `key=value`, as `--set`) + its drawn values."""
+
+    kind: str = "tune"
+    base: str = ""
+    train_overrides: list[str] = field(default_factory=list)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    name: str | None = None  # the search's name (Ray Tune experiment, MLflow parent run); default: from the file
+    experiment: str | None = None  # MLflow experiment; None: the base config's run.experiment
+
+    def base_config(self, overrides: list[str] | None = None) -> TrainConfig:
+        """The base TrainConfig with `train_overrides` (+ `overrides`) applied."""
+        if not self.base:
+            raise ConfigError("base: a tune config names the train config it searches around (base: mixste.yaml)")
+        return load_config(self.base, [*self.train_overrides, *(overrides or [])], kind="train")
+
+    def model_config(self) -> ModelConfig:
+        return self.base_config().model
+
+
+CONFIG_KINDS: dict[str, type] = {"model": ModelFileConfig, "train": TrainConfig, "tune": TuneConfig}
 
 
 def register_config_kind(kind: str, cls: type) -> None:
@@ -282,9 +339,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None, kind: str 
     if kind is not None and data.get("kind", kind) != kind:
         raise ConfigError(f"{path}: kind is {data.get('kind')!r}, expected {kind!r}")
     try:
-        return config_from_dict(data, kind)
+        cfg = config_from_dict(data, kind)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    if isinstance(cfg, TuneConfig) and cfg.base and not Path(cfg.base).is_absolute():
+        cfg.base = str((Path(path).parent / cfg.base).resolve())  # relative to the tune config's folder
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
