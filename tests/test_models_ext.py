@@ -11,7 +11,7 @@ from h2ot.config import ModelConfig, config_from_dict
 from h2ot.flops import model_gflops, predicted_linear_flops
 from h2ot.layers import ATTENTION_RECEIVED, Attention
 from h2ot.metrics import AUC_THRESHOLDS_MM, PCKAccumulator, auc_3dhp, pck_3dhp, per_action_mean
-from h2ot.models import MODEL_REGISTRY, PoseOutput, build_model
+from h2ot.models import MODEL_REGISTRY, PoseOutput, build_model, predict
 from h2ot.pruning import TPM_REGISTRY
 from h2ot.recovery import TRM_REGISTRY
 from h2ot.schedule import validate_schedule
@@ -248,3 +248,10 @@ def test_bench_compares_hot_at_block_1_for_dstformer() -> None:
     variants = _variants("dstformer")
     assert variants["hot"].schedule == [[1, 81]] and variants["h2ot"].schedule == [[1, 81], [3, 41]]
     assert _variants("mixste")["hot"].schedule == [[3, 81]]
+
+
+def test_predict_with_flip_on_a_seq2frame_model_in_eval_gives_the_centre() -> None:
+    model = build_model(cfg_of("dstformer", seq2frame=True)).eval()
+    with torch.no_grad():
+        out = predict(model, torch.randn(1, 27, 17, 3))
+    assert out.pose_3d.shape == (1, 1, 17, 3) and out.frame_indices.tolist() == [[13]]

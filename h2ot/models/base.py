@@ -75,5 +75,8 @@ def predict(model: nn.Module, pose_2d: torch.Tensor, test_flip: bool = True) -> 
     if not test_flip:
         return out
     flipped = model(flip_pose(pose_2d))
+    if out.frame_indices is not None and not torch.equal(out.frame_indices, flipped.frame_indices):
+        # a seq2frame model in training mode outputs its kept frames, which may differ between the two passes
+        raise ValueError("test-time flip needs the same output frames in both passes; call model.eval() first")
     out.pose_3d = (out.pose_3d + flip_pose(flipped.pose_3d)) / 2
     return out
