@@ -50,6 +50,7 @@ DEFAULT_STATE_DIR = Path.home() / ".h2ot" / "cluster"
 DEFAULT_SUBNET = "10.213.7.0/24"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # tiny clusters: the default (30% of RAM per node) is far too much here
 START_TIMEOUT_S = 90.0
+NODE_START_ATTEMPTS = 3
 STOP_GRACE_S = 10.0
 NS_IFNAME = "eth0"  # the node's interface inside its namespace
 
@@ -63,6 +64,7 @@ class NodeState:
     pid: int | None = None
     start_ticks: int | None = None  # /proc/<pid>/stat field 22: guards against pid reuse
     log: str | None = None
+    attempts: int = 0
 
 
 @dataclass
@@ -398,6 +400,7 @@ def _wait(what: str, check, timeout_s: float, state: ClusterState, log_path: str
 def start_node(state: ClusterState, node: NodeState, head: bool) -> None:
     """Start one Ray node (`ray start --block` in its namespace) and record its pid."""
     node.log = str(Path(state.state_dir) / "logs" / f"ray-{node.name}.log")
+    node.attempts += 1
     node.pid, node.start_ticks = _spawn(_ray_cmd(state, node, head), _node_env(state), Path(node.log))
     save_state(state)
 
@@ -502,13 +505,17 @@ def up(
         )
         for node in state.nodes[1:]:
             start_node(state, node, head=False)
-        _wait(
-            f"{len(names)} Ray node(s)",
-            lambda: len(alive_nodes(state)) >= len(names),
-            timeout_s,
-            state,
-            state.nodes[-1].log,
-        )
+
+        def all_nodes_alive() -> bool:
+            # `ray start` gives a raylet 30 s (fixed) to register; on a loaded machine that can pass. Restart a
+            # worker node whose `ray start` gave up, up to NODE_START_ATTEMPTS times.
+            for node in state.nodes[1:]:
+                if not _alive(node.pid, node.start_ticks) and node.attempts < NODE_START_ATTEMPTS:
+                    log.warning("Ray node %s exited during startup; starting it again", node.name)
+                    start_node(state, node, head=False)
+            return len(alive_nodes(state)) >= len(names)
+
+        _wait(f"{len(names)} Ray node(s)", all_nodes_alive, timeout_s, state, state.nodes[-1].log)
         _wait(
             "the MLflow server",
             lambda: _http_get(f"{state.mlflow_url}/health"),
@@ -532,6 +539,34 @@ def write_env_file(state: ClusterState) -> Path:
     path = Path(state.state_dir) / "env.sh"
     path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
     return path
+
+
+def restart_node(state_dir: Path, name: str, timeout_s: float = START_TIMEOUT_S) -> ClusterState:
+    """Start worker node `name` again (after it died or was killed), in its namespace, with its address."""
+    state = load_state(Path(state_dir).absolute())
+    if state is None:
+        raise UserError(f"no cluster in {state_dir}")
+    nodes = {n.name: n for n in state.nodes}
+    if name not in nodes or name == "head":
+        raise UserError(f"--node must be a worker node of this cluster: {sorted(set(nodes) - {'head'})}")
+    node = nodes[name]
+    if _alive(node.pid, node.start_ticks):
+        raise UserError(f"node {name} is running (pid {node.pid}); nothing to restart")
+    if node.netns:  # leftovers of the dead node (its `ray start` normally takes them down with it)
+        res = subprocess.run(["ip", "netns", "pids", node.netns], capture_output=True, text=True)
+        left = [int(p) for p in res.stdout.split() if _has_marker(int(p), state.id)]
+        _signal(left, signal.SIGKILL)
+    before = {n["node_id"] for n in alive_nodes(state)}
+    node.attempts = 0
+    start_node(state, node, head=False)
+    _wait(
+        f"Ray node {name}",
+        lambda: any(n["node_ip"] == node.ip and n["node_id"] not in before for n in alive_nodes(state)),
+        timeout_s,
+        state,
+        node.log,
+    )
+    return state
 
 
 # --------------------------------------------------------------------------------------------- stop
@@ -592,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("up", "start head + workers + MLflow"),
         ("down", "stop everything `up` started"),
         ("status", "show nodes, addresses and commands"),
+        ("restart-node", "start a dead worker node again (e.g. after a failure drill)"),
     ]:
         s = sub.add_parser(name, help=text)
         s.add_argument(
@@ -601,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"where the state, token, logs and MLflow store live (default {DEFAULT_STATE_DIR})",
         )
         s.add_argument("-v", "--verbose", action="store_true")
+        if name == "restart-node":
+            s.add_argument("node", help="worker node name (w1, w2, ...)")
         if name == "up":
             s.add_argument("--workers", type=int, default=1, help="worker nodes besides the head (default 1)")
             s.add_argument("--cpus-per-node", type=float, default=1.0, help="logical CPUs per node (default 1)")
@@ -638,6 +676,10 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout,
         )
         print(describe(state))
+        return 0
+    if args.action == "restart-node":
+        state = restart_node(args.state_dir, args.node)
+        print(f"node {args.node} is back: " + ", ".join(n["node_ip"] for n in alive_nodes(state)))
         return 0
     if args.action == "down":
         state = load_state(args.state_dir)
