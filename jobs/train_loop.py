@@ -33,6 +33,7 @@ BEST_MODEL_FILE = "best_model.pt"  # the best epoch so far, in h2ot's self-descr
 METRICS_FILE = "metrics.json"
 TRAIN_COLUMNS = ["pose_2d", "conf_2d", "pose_3d", "valid"]  # tensors only: strings break iter_torch_batches
 SHUFFLE_BUFFER_BATCHES = 8  # local shuffle buffer, in batches
+PREFETCH_BATCHES = 4
 
 
 class InjectedFailure(RuntimeError):
@@ -80,6 +81,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     mcfg, ocfg = cfg.model, cfg.optim
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank == 0 and not logging.getLogger().handlers:  # per-epoch lines in the driver's output
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
     torch.set_num_threads(max(1, cfg.scaling.torch_threads))
     seed_everything(ocfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     device = ray.train.torch.get_device()
@@ -131,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         batches = shard.iter_torch_batches(
             batch_size=ocfg.batch_size, drop_last=True, dtypes=torch.float32, device=device,
             local_shuffle_buffer_size=ocfg.batch_size * SHUFFLE_BUFFER_BATCHES, local_shuffle_seed=ocfg.seed + epoch,
+            prefetch_batches=PREFETCH_BATCHES,
         )
         t_mark = time.perf_counter()
         for batch in batches:

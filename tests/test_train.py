@@ -1,0 +1,184 @@
+"""Training with Ray Train: a 2-worker DDP run, fault tolerance, resume, job submission; and the fast checks.
+
+One fixture (`ray_env`) owns every Ray set-up of this module: its own HOME and temp dir, token auth switched
+off explicitly (RAY_AUTH_MODE=disabled), so the tests do not depend on a ~/.ray/auth_token some earlier
+`ray.init()` or `ray start` left behind, nor on their order. The end-to-end tests are `slow` (each starts Ray:
+about 1-2 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import write_tiny_shards
+
+from h2ot.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """Environment for every Ray process of this module: own HOME / temp dir, auth mode explicit."""
+    home = tmp_path_factory.mktemp("home")
+    ray_tmp = Path("/tmp") / f"h2ot-rt-{os.getpid()}"  # Ray's socket paths must stay short
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+                                            "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    os.environ.update(HOME=str(home), RAY_AUTH_MODE="disabled", RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+    for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        os.environ.pop(k, None)
+    yield {"home": home, "ray_tmp": ray_tmp}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_env):
+    import ray
+
+    ray.init(address="local", num_cpus=2, _temp_dir=str(ray_env["ray_tmp"]), include_dashboard=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_tiny_shards(tmp_path_factory.mktemp("shards"), frames=27, n_train=256, n_test=48)
+
+
+def tiny_cfg(*overrides: str):
+    return load_config(TINY, list(overrides))
+
+
+def mlflow_history(run_dir: Path, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# ------------------------------------------------------------------------------------------- fast
+def test_mismatched_window_length_is_refused_before_ray_starts(tmp_path, capsys) -> None:
+    from jobs import train
+
+    f9 = write_tiny_shards(tmp_path / "f9", frames=9, n_train=8, n_test=4, files_per_split=1)
+    rc = train.main(["--config", str(TINY), "--data", str(f9), "--out", str(tmp_path / "run")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "9 frames" in err and "model.frames is 27" in err
+
+
+def test_tracking_uri_env_wins_else_absolute_sqlite(tmp_path, monkeypatch) -> None:
+    from jobs.tracking import run_name, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = tracking_uri("rel/run")
+    assert uri == f"sqlite:///{(tmp_path / 'rel/run/mlflow.db').resolve()}" and uri.startswith("sqlite:////")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri("rel/run") == "http://127.0.0.1:5000"
+    from h2ot.config import to_dict
+
+    assert run_name(to_dict(tiny_cfg()), "/data/h36m_f27") == "mixste-d32x2-f27-b1n9-h36m_f27-s0"
+
+
+# ------------------------------------------------------------------------------------------- slow (Ray)
+@pytest.mark.slow
+def test_two_worker_ddp_run_then_resume_does_not_retrain(local_ray, shards, tmp_path) -> None:
+    import torch
+
+    from jobs.train import run_training
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg("optim.epochs=2", "optim.steps_per_epoch=6")
+    summary = run_training(cfg, shards, out)
+    assert summary["metrics"]["epoch"] == 2
+    assert Path(summary["checkpoint_path"], "state.pt").is_file()
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert payload["meta"]["manifest_hash"] and payload["meta"]["git_rev"]
+    run_id = summary["mlflow"]["run_id"]
+    losses = mlflow_history(out, run_id, "train/loss")
+    assert [s for s, _ in losses] == [1, 2] and losses[1][1] < losses[0][1], "loss decreases"
+    assert [s for s, _ in mlflow_history(out, run_id, "val/mpjpe_mm")] == [1, 2]
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{(out / 'mlflow.db').resolve()}").get_run(run_id)
+    assert run.data.params["model.backbone"] == "mixste" and run.data.params["data.manifest_hash"]
+    assert run.data.params["optim.epochs"] == "2"
+
+    # The same run again (same name and storage): the loop sees every epoch done and trains nothing.
+    before = (out / "model.pt").read_bytes()
+    again = run_training(cfg, shards, out)
+    assert again["return_value"] == {"resumed_finished": True, "epochs": 2}
+    assert (out / "model.pt").read_bytes() == before
+    assert again["mlflow"]["run_id"] == run_id
+    assert [s for s, _ in mlflow_history(out, run_id, "train/loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_worker_failure_resumes_from_last_checkpoint(local_ray, shards, tmp_path) -> None:
+    from jobs.train import run_training
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg("optim.epochs=3", "optim.steps_per_epoch=3")
+    # step 4 is inside epoch 2 (steps 3-5): the first attempt dies after the epoch-1 checkpoint.
+    summary = run_training(cfg, shards, out, fail_at_step=4)
+    assert summary["metrics"]["epoch"] == 3 and summary["metrics"]["step"] == 9, "no epoch lost or repeated"
+    history = mlflow_history(out, summary["mlflow"]["run_id"], "step")
+    assert history == [(1, 3.0), (2, 6.0), (3, 9.0)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_local_cluster(ray_env, shards, tmp_path) -> None:
+    import ray
+
+    ray.shutdown()  # the job runs on its own `ray start` cluster
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    port, dash = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp = str(ray_env["ray_tmp"]) + "-job"
+    # --block: the head lives as long as this process, and stopping it stops only this cluster (`ray stop`
+    # would stop every Ray on the host).
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        out = tmp_path / "run"
+        cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+               "--", "python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", str(shards),
+               "--out", str(out), "--set", "optim.epochs=1", "--no-mlflow", "--json"]
+        for _ in range(60):  # the job server needs a while after `ray start`
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            if proc.returncode == 0 or "succeeded" in proc.stdout or "failed" in proc.stdout.lower():
+                break
+            time.sleep(3)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout
+        assert (out / "model.pt").is_file()
+        assert json.loads((out / "result.json").read_text())["metrics"]["epoch"] == 1
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
