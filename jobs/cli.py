@@ -12,6 +12,7 @@ import sys
 
 # name -> (module, one-line help). Later work adds lines here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("jobs.demo", "the whole system end to end: Ray Data -> Ray Train (full vs H2OT) -> eval -> MLflow"),
     "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
     "preprocess": ("jobs.preprocess", "raw pose data -> Parquet window shards + manifest (Ray Data)"),
     "bench-preprocess": ("pipelines.bench", "Ray Data vs single-process preprocessing throughput (JSON)"),
