@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import pipelines.config  # noqa: F401  (registers the "preprocess" kind)
 from h2ot.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
 from h2ot.models import build_model
 
