@@ -78,7 +78,8 @@ def plan_resources(base: Any, settings: Any, cluster: dict[str, float]) -> dict[
     if settings.workers_per_trial is None:
         workers = max(1, min(workers, int(usable // cpw)))
     use_gpu = base.scaling.use_gpu if base.scaling.use_gpu is not None else gpus > 0
-    fit = max(1, int(usable // (workers * cpw)))
+    # each trial also holds TRIAL_CPU, and Ray Data's 1-CPU read tasks need reserve_cpus left over all the time
+    fit = max(1, int((usable + 1e-9) // (workers * cpw + TRIAL_CPU)))
     if use_gpu:
         fit = min(fit, max(1, int(gpus // (workers * base.scaling.gpus_per_worker))))
     concurrent = settings.max_concurrent_trials or fit
@@ -87,21 +88,23 @@ def plan_resources(base: Any, settings: Any, cluster: dict[str, float]) -> dict[
 
 
 # --------------------------------------------------------------------------------------------- the trial
-def train_trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: one TorchTrainer run of the trial's TrainConfig, reporting through Tune."""
+def train_trial(config: dict[str, Any], base: dict[str, Any], data_dir: str, out_dir: str,
+                train_storage: str) -> None:
+    """Tune function trainable (`config` = {"trial": drawn values}; the rest bound by tune.with_parameters):
+    one TorchTrainer run of the trial's TrainConfig, reporting through Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jobs.train import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
-    starts = Path(config["out_dir"]) / STARTS_DIR
+    starts = Path(out_dir) / STARTS_DIR
     starts.mkdir(parents=True, exist_ok=True)
     with open(starts / trial_id, "a") as f:
         f.write(f"{time.time():.3f}\n")
-    cfg = trial_train_config(config["base"], config["trial"])
-    trainer = build_trainer(cfg, config["data_dir"], Path(config["out_dir"]) / "trials" / trial_id,
-                            name=f"train-{trial_id}", storage_path=config["train_storage"], mlflow=False,
+    cfg = trial_train_config(base, config["trial"])
+    trainer = build_trainer(cfg, data_dir, Path(out_dir) / "trials" / trial_id,
+                            name=f"train-{trial_id}", storage_path=train_storage, mlflow=False,
                             callbacks=[TuneReportCallback()])
     result = trainer.fit()  # same name + storage on a resumed trial: Train continues from its last checkpoint
     if result.error is not None:
@@ -114,11 +117,43 @@ def _ensure_ray(num_cpus: int | None) -> None:
 
     from jobs.train import WORKER_ENV
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or "local"
-        kwargs: dict[str, Any] = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
-        # the dashboard (ray[default]) must run: without it Tune leaks the placement groups of stopped trials
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False, **kwargs)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    env = dict(WORKER_ENV)
+    kwargs: dict[str, Any] = {}
+    if address == "local":
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+        # Train's PlacementGroupCleaner (it frees the workers of trials ASHA stops) finds the cluster through the
+        # state API with no address: with another Ray on the host it dies ("Found multiple active Ray
+        # instances") and the stopped trials' placement groups leak. So fix the GCS port and tell every worker.
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        env["RAY_ADDRESS"] = f"{_host_ip()}:{port}"
+    # the dashboard (ray[default]) must run too: the cleaner asks it, and without it Tune leaks the same groups
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
+    if address == "local":
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        actual = ray.get_runtime_context().gcs_address
+        if actual != env["RAY_ADDRESS"]:
+            log.warning("local Ray's GCS is at %s, not %s: stopped trials may leak their workers",
+                        actual, env["RAY_ADDRESS"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _host_ip() -> str:
+    """The address a local Ray publishes (it turns 127.0.0.1 into the host's interface address)."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
 
 
 def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *, overrides: list[str] | None = None,
@@ -163,7 +198,9 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
     client.log_dict(parent, {"trials": trials, "plan": plan, "tune": to_dict(tcfg)}, "search.json")
     runs = ChildRuns(uri, exp_id, parent, out_dir)
 
-    trainable = tune.with_resources(train_trial, {"cpu": TRIAL_CPU})
+    bound = tune.with_parameters(train_trial, base=base_dict, data_dir=str(Path(data_dir).resolve()),
+                                 out_dir=str(out_dir), train_storage=f"{storage.rstrip('/')}/{name}-train")
+    trainable = tune.with_resources(bound, {"cpu": TRIAL_CPU})
     if not fresh and tune.Tuner.can_restore(exp_path):
         log.info("resuming the search in %s (finished trials are kept)", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -171,8 +208,7 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
         scheduler = FIFOScheduler() if tcfg.tune.scheduler == "none" else ASHAScheduler(
             time_attr="training_iteration", max_t=base.optim.epochs, grace_period=tcfg.tune.grace_period,
             reduction_factor=tcfg.tune.reduction_factor)
-        param_space = {"trial": tune.grid_search(trials), "base": base_dict, "data_dir": str(Path(data_dir).resolve()),
-                       "out_dir": str(out_dir), "train_storage": f"{storage.rstrip('/')}/{name}-train"}
+        param_space = {"trial": tune.grid_search(trials)}
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=tcfg.tune.metric, mode=tcfg.tune.mode, scheduler=scheduler,
@@ -182,7 +218,7 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
-    rows = result_rows(grid, base)
+    rows = result_rows(grid, base, base_dict)
     summary = finish_search(rows, tcfg, base, out_dir, client, parent, runs, base_dict, name)
     client.set_terminated(parent, "FINISHED")
     return summary
@@ -195,7 +231,7 @@ def _params_once(client: Any, run_id: str, params: dict[str, Any]) -> list[Any]:
     return [Param(k, str(v)) for k, v in params.items() if k not in existing]
 
 
-def result_rows(grid: Any, base: Any) -> list[dict[str, Any]]:
+def result_rows(grid: Any, base: Any, base_dict: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per trial: its drawn values, best-epoch MPJPE, GFLOPs (measured and predicted), epochs run."""
     from h2ot.flops import predicted_linear_flops
 
@@ -207,7 +243,7 @@ def result_rows(grid: Any, base: Any) -> list[dict[str, Any]]:
         metrics = result.metrics or {}
         epochs = max((int(h.get("epoch") or 0) for h in history), default=0)
         best = min(history, key=lambda h: h["val/mpjpe_mm"]) if history else {}
-        cfg = trial_train_config(_to_plain(result.config["base"]), trial)
+        cfg = trial_train_config(base_dict, trial)
         rows.append({
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
             "schedule": [list(map(int, s)) for s in trial["schedule"]], "stages": len(trial["schedule"]),
@@ -221,10 +257,6 @@ def result_rows(grid: Any, base: Any) -> list[dict[str, Any]]:
                         for h in history],
         })
     return sorted(rows, key=lambda r: (r["gflops_predicted"], r["mpjpe_mm"]))
-
-
-def _to_plain(d: Any) -> Any:
-    return json.loads(json.dumps(d, default=str))
 
 
 def _num(v: Any) -> float:
