@@ -50,7 +50,7 @@ DEFAULT_STATE_DIR = Path.home() / ".h2ot" / "cluster"
 DEFAULT_SUBNET = "10.213.7.0/24"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # tiny clusters: the default (30% of RAM per node) is far too much here
 START_TIMEOUT_S = 90.0
-NODE_START_ATTEMPTS = 3
+NODE_START_ATTEMPTS = 5
 STOP_GRACE_S = 10.0
 NS_IFNAME = "eth0"  # the node's interface inside its namespace
 

@@ -97,7 +97,7 @@ def main() -> int:
             mlflow_port=args.mlflow_port,
             subnet=args.subnet,
             netns=True,
-            timeout_s=180,
+            timeout_s=400,
         )
         os.environ.update(state.client_env())
         client = JobSubmissionClient(state.dashboard_url)
