@@ -164,6 +164,7 @@ class TuneSettings:
     workers_per_trial: int | None = None  # Ray Train workers per trial; None: the base config's, capped to the cluster
     reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (ECOSYSTEM.md: starvation otherwise)
     hot_schedule: list[list[int]] = field(default_factory=list)  # the one-stage HoT point marked on the plot
+    seeds: list[int] = field(default_factory=list)  # train every drawn trial once per seed (optim.seed); []: base
 
 
 @dataclass

@@ -92,6 +92,8 @@ def _validate_settings(space: SearchSpace, settings: TuneSettings, model: ModelC
         raise ConfigError(f"tune.max_concurrent_trials: {settings.max_concurrent_trials}; must be >= 1 or null")
     if settings.workers_per_trial is not None and settings.workers_per_trial < 1:
         raise ConfigError(f"tune.workers_per_trial: {settings.workers_per_trial}; must be >= 1 or null")
+    if len(set(settings.seeds)) != len(settings.seeds):
+        raise ConfigError(f"tune.seeds: repeated values in {settings.seeds}")
     if settings.hot_schedule:
         try:
             validate_schedule(settings.hot_schedule, model.depth, model.frames, model.seq2frame)
@@ -151,7 +153,28 @@ def sample_trials(space: SearchSpace, model: ModelConfig, settings: TuneSettings
                               f"(drew {len(trials)}); widen space.tokens/blocks/stages or lower num_samples")
         add({"schedule": draw_schedule(space, model.depth, rng), "tpm": rng.choice(space.tpm),
              "trm": rng.choice(space.trm), "lr": _draw_lr(space, base_lr, rng)})
+    if settings.seeds:  # the same trial once per training seed (re-checking a winner)
+        trials = [{**t, "seed": int(s)} for t in trials for s in settings.seeds]
     return trials
+
+
+def seed_groups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the same trial trained with different seeds -> mean/std MPJPE per trial, best mean first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if _finite(r.get("mpjpe_mm")):
+            key = repr(([list(s) for s in r["schedule"]], r["tpm"], r["trm"], r["lr"]))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        values = [float(r["mpjpe_mm"]) for r in members]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        first = members[0]
+        out.append({"schedule": first["schedule"], "tpm": first["tpm"], "trm": first["trm"], "lr": first["lr"],
+                    "gflops": first.get("gflops"), "n": len(values), "mpjpe_mm_mean": mean, "mpjpe_mm_std": std,
+                    "mpjpe_mm": values, "seeds": [r.get("seed") for r in members]})
+    return sorted(out, key=lambda g: g["mpjpe_mm_mean"])
 
 
 # --------------------------------------------------------------------------------------------- results

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01  # the trial function only drives a TorchTrainer; its workers hold the CPUs (ECOSYSTEM.md)
 STARTS_DIR = "trial_starts"  # one file per trial id, a line per (re)start: what the resume test checks
-TABLE_FIELDS = ("trial_id", "schedule", "stages", "tpm", "trm", "lr", "gflops", "gflops_predicted", "mpjpe_mm",
+TABLE_FIELDS = ("trial_id", "schedule", "stages", "tpm", "trm", "lr", "seed", "gflops", "gflops_predicted", "mpjpe_mm",
                 "p_mpjpe_mm", "epochs", "complete", "pareto", "status")
 
 
@@ -62,6 +62,8 @@ def trial_train_config(base: dict[str, Any], trial: dict[str, Any]) -> Any:
     cfg = config_from_dict(base, "train")
     cfg.model.schedule = [list(s) for s in trial["schedule"]]
     cfg.model.tpm, cfg.model.trm, cfg.optim.lr = trial["tpm"], trial["trm"], float(trial["lr"])
+    if trial.get("seed") is not None:
+        cfg.optim.seed = int(trial["seed"])
     return cfg
 
 
@@ -247,7 +249,7 @@ def result_rows(grid: Any, base: Any, base_dict: dict[str, Any]) -> list[dict[st
         rows.append({
             "trial_id": metrics.get("trial_id") or Path(result.path).name,
             "schedule": [list(map(int, s)) for s in trial["schedule"]], "stages": len(trial["schedule"]),
-            "tpm": trial["tpm"], "trm": trial["trm"], "lr": float(trial["lr"]),
+            "tpm": trial["tpm"], "trm": trial["trm"], "lr": float(trial["lr"]), "seed": cfg.optim.seed,
             "gflops": _num(best.get("gflops")), "gflops_predicted": predicted_linear_flops(cfg.model) / 1e9,
             "mpjpe_mm": _num(best.get("val/mpjpe_mm")), "p_mpjpe_mm": _num(best.get("val/p_mpjpe_mm")),
             "epochs": epochs, "complete": epochs >= base.optim.epochs,
@@ -270,7 +272,7 @@ def _num(v: Any) -> float:
 def finish_search(rows: list[dict[str, Any]], tcfg: Any, base: Any, out_dir: Path, client: Any, parent: str,
                   runs: Any, base_dict: dict[str, Any], name: str) -> dict[str, Any]:
     """Pareto table (CSV, JSON), plot and summary into OUT and onto the parent run; child runs reconciled."""
-    from h2ot.search import pareto_front, summarize
+    from h2ot.search import pareto_front, seed_groups, summarize
 
     front = {r["trial_id"] for r in pareto_front([r for r in rows if r["complete"]])}
     for r in rows:
@@ -281,6 +283,8 @@ def finish_search(rows: list[dict[str, Any]], tcfg: Any, base: Any, out_dir: Pat
                        if k in ("best", "cheapest_within_1pct", "full", "hot") and v}
     summary["pareto_rows"] = [_brief(by_id[t]) for t in summary["pareto"]]
     summary["beats_hot_rows"] = [_brief(by_id[t]) for t in summary["beats_hot"]]
+    if tcfg.tune.seeds:
+        summary["seed_groups"] = seed_groups([r for r in rows if r["complete"]])
 
     _reconcile_children(rows, runs, base_dict)
     with open(out_dir / "pareto.csv", "w", newline="") as f:
@@ -315,14 +319,15 @@ def _metrics(values: dict[str, float]) -> list[Any]:
 
 
 def _brief(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("trial_id", "schedule", "tpm", "trm", "lr", "gflops", "mpjpe_mm", "epochs")}
+    return {k: r[k] for k in ("trial_id", "schedule", "tpm", "trm", "lr", "seed", "gflops", "mpjpe_mm", "epochs")}
 
 
 def _reconcile_children(rows: list[dict[str, Any]], runs: Any, base_dict: dict[str, Any]) -> None:
     """Every trial has a child run with its per-epoch metrics and final figures, even one the live callback
     missed (e.g. it finished just before the driver was killed)."""
     for r in rows:
-        run_id = runs.get_or_create(r["trial_id"], {k: r[k] for k in ("schedule", "tpm", "trm", "lr")}, base_dict)
+        run_id = runs.get_or_create(r["trial_id"], {k: r[k] for k in ("schedule", "tpm", "trm", "lr", "seed")},
+                                    base_dict)
         if not runs.client.get_metric_history(run_id, "val/mpjpe_mm"):
             for h in r["history"]:
                 runs.log_epoch(run_id, h, int(h["epoch"]))
@@ -390,6 +395,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "hot" in rows:
         out.append("hierarchical schedules beating HoT at <= its FLOPs: "
                    + (", ".join(line(r) for r in summary["beats_hot_rows"]) or "none"))
+    for g in summary.get("seed_groups", []):
+        from jobs.tracking import schedule_tag
+
+        out.append(f"seeds {g['seeds']}: {schedule_tag(g['schedule']):<16} {g['tpm']:<9} {g['trm']:<15} "
+                   f"{g['gflops']:.4f} GFLOPs  {g['mpjpe_mm_mean']:.2f} +- {g['mpjpe_mm_std']:.2f} mm")
     return "\n".join(out)
 
 

@@ -56,6 +56,8 @@ class ChildRuns:
                 "schedule": schedule_tag(trial["schedule"]), "stages": str(len(trial["schedule"])),
                 "tpm": trial["tpm"], "trm": trial["trm"]}
         name = f"{schedule_tag(trial['schedule'])}-{trial['tpm']}-{trial['trm']}-lr{trial['lr']:g}-{trial_id}"
+        if trial.get("seed") is not None:
+            name, tags["seed"] = f"{name}-s{trial['seed']}", str(trial["seed"])
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         self._log_params(run_id, {"trial": trial, "base": base, "trial_id": trial_id})
         runs[trial_id] = run_id

@@ -18,7 +18,15 @@ import yaml
 
 from h2ot.config import ConfigError, ModelConfig, SearchSpace, TuneSettings, load_config
 from h2ot.schedule import validate_schedule
-from h2ot.search import cheapest_within, draw_schedule, pareto_front, sample_trials, summarize, validate_space
+from h2ot.search import (
+    cheapest_within,
+    draw_schedule,
+    pareto_front,
+    sample_trials,
+    seed_groups,
+    summarize,
+    validate_space,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_TINY = REPO / "configs" / "tune_tiny.yaml"
@@ -66,6 +74,21 @@ def test_summary_names_hot_full_and_the_hierarchical_winners() -> None:
     assert s["beats_hot"] == ["h2"]
     assert s["pareto"] == ["h2", "h3", "full"]  # h4 stopped early: not on the front
     assert s["complete"] == 4 and s["trials"] == 5
+
+
+def test_seeds_replicate_each_trial_and_group_back() -> None:
+    space = _space(include=[[[1, 9]], [[1, 13], [3, 5]]])
+    trials = sample_trials(space, SMALL, TuneSettings(num_samples=2, seeds=[0, 1, 2]), base_lr=2e-3)
+    assert [t["seed"] for t in trials] == [0, 1, 2, 0, 1, 2]
+    assert trials[0]["schedule"] == trials[2]["schedule"] == [[1, 9]]
+    rows = [{**t, "trial_id": str(i), "gflops": 1.0, "mpjpe_mm": v}
+            for i, (t, v) in enumerate(zip(trials, [50.0, 52.0, 54.0, 49.0, 50.0, 51.0], strict=True))]
+    groups = seed_groups(rows)
+    assert [g["schedule"] for g in groups] == [[[1, 13], [3, 5]], [[1, 9]]]
+    assert groups[0]["mpjpe_mm_mean"] == pytest.approx(50.0) and groups[0]["mpjpe_mm_std"] == pytest.approx(1.0)
+    assert groups[1]["n"] == 3 and groups[1]["seeds"] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="tune.seeds"):
+        validate_space(space, SMALL, TuneSettings(seeds=[1, 1]))
 
 
 # ------------------------------------------------------------------------------------------- space
@@ -173,7 +196,7 @@ def tune_env(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     ray_tmp = Path("/tmp") / f"h2ot-tt-{os.getpid()}"  # Ray's socket paths must stay short
     env.update(HOME=str(root / "home"), RAY_AUTH_MODE="disabled", RAY_TMPDIR=str(ray_tmp),
-               RAY_TRAIN_ENABLE_PRINT_PATCH="0")
+               RAY_TRAIN_ENABLE_PRINT_PATCH="0", TUNE_GLOBAL_CHECKPOINT_S="2")  # experiment state saved often
     (root / "home").mkdir()
     shards = write_tiny_shards(root / "shards", frames=27, n_train=256, n_test=48)
     return {"root": root, "env": env, "shards": shards}
@@ -238,6 +261,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tune_env) -> 
             assert proc.poll() is None, "the search ended before it could be interrupted"
             time.sleep(1)
         assert len(list(starts.iterdir())) >= 2, "no second trial started within 10 minutes"
+        time.sleep(10)  # Tune has saved the experiment state with the first trial finished
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
