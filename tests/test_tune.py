@@ -224,7 +224,7 @@ def test_tiny_search_logs_a_parent_and_a_child_per_trial(tune_env) -> None:
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["trials"] == 4 and summary["pareto"] and summary["hot"] and summary["full"]
+    assert summary["trials"] == 4 and summary["complete"] >= 1 and summary["pareto"]  # ASHA may stop the rest
     assert summary["cheapest_within_1pct"] in {r["trial_id"] for r in json.loads((out / "pareto.json").read_text())
                                                 ["trials"]}
     for f in ("pareto.csv", "pareto.json", "pareto.png", "summary.json"):
@@ -236,6 +236,7 @@ def test_tiny_search_logs_a_parent_and_a_child_per_trial(tune_env) -> None:
         assert 1 <= len(hist) <= 2 and all(0 < m.value < 1e4 for m in hist)
         assert h["client"].get_metric_history(run.info.run_id, "gflops")
         assert run.data.params["trial.schedule"] and run.info.status == "FINISHED"
+        assert run.data.tags["status"] in ("complete", "stopped")
         assert run.data.metrics["final/gflops"] > 0
     artifacts = {a.path for a in h["client"].list_artifacts(h["parent"])}
     assert {"pareto.csv", "pareto.json", "pareto.png", "summary.json"} <= artifacts
