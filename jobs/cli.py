@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
     "train": ("jobs.train", "train a model with Ray Train (DDP), tracked in MLflow; best model -> RUN_DIR/model.pt"),
     "eval": ("jobs.eval", "MPJPE / P-MPJPE / MPJVE of a checkpoint on a shard folder (JSON), without Ray"),
+    "tune": ("jobs.tune", "Ray Tune over pruning schedules, TPM/TRM and lr; GFLOPs-MPJPE Pareto front in MLflow"),
     "bench-train": ("jobs.bench_train", "samples/s of the Ray Train loop (1, 2 workers) vs a plain PyTorch loop"),
 }
 
