@@ -34,6 +34,7 @@ from jobs._common import UserError, friendly_errors, setup_logging
 log = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01  # the trial function only drives a TorchTrainer; its workers hold the CPUs (ECOSYSTEM.md)
+LOCAL_RAY_ATTEMPTS = 3  # a local ray.init on a loaded host can miss Ray's fixed 30 s raylet wait
 STARTS_DIR = "trial_starts"  # one file per trial id, a line per (re)start: what the resume test checks
 TABLE_FIELDS = ("trial_id", "schedule", "stages", "tpm", "trm", "lr", "seed", "gflops", "gflops_predicted", "mpjpe_mm",
                 "p_mpjpe_mm", "epochs", "complete", "pareto", "status")
@@ -124,23 +125,33 @@ def _ensure_ray(num_cpus: int | None) -> None:
     address = os.environ.get("RAY_ADDRESS") or "local"
     env = dict(WORKER_ENV)
     kwargs: dict[str, Any] = {}
-    if address == "local":
-        if num_cpus:
-            kwargs["num_cpus"] = num_cpus
+    if address != "local":
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        return
+    if num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
         # Train's PlacementGroupCleaner (it frees the workers of trials ASHA stops) finds the cluster through the
         # state API with no address: with another Ray on the host it dies ("Found multiple active Ray
         # instances") and the stopped trials' placement groups leak. So fix the GCS port and tell every worker.
         port = _free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         env["RAY_ADDRESS"] = f"{_host_ip()}:{port}"
-    # the dashboard (ray[default]) must run too: the cleaner asks it, and without it Tune leaks the same groups
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
-    if address == "local":
-        os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        actual = ray.get_runtime_context().gcs_address
-        if actual != env["RAY_ADDRESS"]:
-            log.warning("local Ray's GCS is at %s, not %s: stopped trials may leak their workers",
-                        actual, env["RAY_ADDRESS"])
+        try:
+            # the dashboard (ray[default]) must run too: the cleaner asks it; without it the same groups leak
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 - Ray waits a fixed 30 s for its raylet; a loaded host misses it
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == LOCAL_RAY_ATTEMPTS:
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); retrying", attempt, LOCAL_RAY_ATTEMPTS)
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    actual = ray.get_runtime_context().gcs_address
+    if actual != env["RAY_ADDRESS"]:
+        log.warning("local Ray's GCS is at %s, not %s: stopped trials may leak their workers",
+                    actual, env["RAY_ADDRESS"])
 
 
 def _free_port() -> int:

@@ -254,12 +254,13 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tune_env) -> 
     starts = out / "trial_starts"
     proc = subprocess.Popen(_tune_cmd(tune_env, out, "--set", "tune.max_concurrent_trials=1",
                                       "--set", "tune.scheduler=none"),
-                            env=tune_env["env"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            env=tune_env["env"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=open(out.parent / "resume-first.err", "w"), start_new_session=True)  # noqa: SIM115
     try:  # kill the driver (and its local Ray) once the first trial has finished and the second has started
         deadline = time.time() + 600
         while time.time() < deadline and not (starts.is_dir() and len(list(starts.iterdir())) >= 2):
-            assert proc.poll() is None, "the search ended before it could be interrupted"
+            assert proc.poll() is None, ("the search ended before it could be interrupted: "
+                                         + (out.parent / "resume-first.err").read_text()[-3000:])
             time.sleep(1)
         assert len(list(starts.iterdir())) >= 2, "no second trial started within 10 minutes"
         time.sleep(10)  # Tune has saved the experiment state with the first trial finished
