@@ -108,7 +108,7 @@ def train_dataset(data_dir: str | Path, materialize: bool = True) -> Any:
 
     from jobs.train_loop import TRAIN_COLUMNS
 
-    ds = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), columns=TRAIN_COLUMNS, shuffle="files")
+    ds = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), shuffle="files").select_columns(TRAIN_COLUMNS)
     if materialize:
         ds = ds.materialize()
     return ds.randomize_block_order()
