@@ -305,6 +305,7 @@ def finish_search(rows: list[dict[str, Any]], tcfg: Any, base: Any, out_dir: Pat
             w.writerow({**r, "schedule": json.dumps(r["schedule"])})
     (out_dir / "pareto.json").write_text(json.dumps({"trials": rows, "summary": summary}, indent=1))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "pareto.md").write_text(table_markdown(rows))
     fig = pareto_figure(rows, summary, f"{name}: {base.model.backbone} "
                         f"d{base.model.dim}x{base.model.depth} f{base.model.frames}")
     fig.savefig(out_dir / "pareto.png", dpi=120, bbox_inches="tight")
@@ -387,6 +388,22 @@ def pareto_figure(rows: list[dict[str, Any]], summary: dict[str, Any], title: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """The trial table as Markdown (OUT/pareto.md; docs), cheapest first; Pareto rows in bold."""
+    from jobs.tracking import schedule_tag
+
+    lines = ["| trial | schedule | TPM | TRM | lr | seed | GFLOPs | MPJPE mm | P-MPJPE mm | epochs | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["gflops"], r["mpjpe_mm"])):
+        cells = [r["trial_id"], f"`{schedule_tag(r['schedule'])}`", r["tpm"], r["trm"], f"{r['lr']:g}", str(r["seed"]),
+                 f"{r['gflops']:.4f}", f"{r['mpjpe_mm']:.1f}", f"{r['p_mpjpe_mm']:.1f}", str(r["epochs"]),
+                 r["status"] + (", **Pareto**" if r["pareto"] else "")]
+        if r["pareto"]:
+            cells[7] = f"**{cells[7]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def format_summary(summary: dict[str, Any]) -> str:
