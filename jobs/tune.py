@@ -143,6 +143,7 @@ def _ensure_ray(num_cpus: int | None) -> None:
             break
         except Exception as e:  # noqa: BLE001 - Ray waits a fixed 30 s for its raylet; a loaded host misses it
             ray.shutdown()
+            _stop_children()  # the half-started node's GCS, dashboard, monitors: ours, and they would linger
             if "timed out during startup" not in str(e) or attempt == LOCAL_RAY_ATTEMPTS:
                 raise
             log.warning("local Ray did not start in time (attempt %d of %d); retrying", attempt, LOCAL_RAY_ATTEMPTS)
@@ -152,6 +153,38 @@ def _ensure_ray(num_cpus: int | None) -> None:
     if actual != env["RAY_ADDRESS"]:
         log.warning("local Ray's GCS is at %s, not %s: stopped trials may leak their workers",
                     actual, env["RAY_ADDRESS"])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc; empty elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _stop_children() -> None:
+    """Terminate this process's descendants (only a failed local Ray start has any), then kill stragglers."""
+    import signal
+
+    kids = _descendants(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in kids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        kids = [p for p in kids if Path(f"/proc/{p}").exists()]
 
 
 def _free_port() -> int:
