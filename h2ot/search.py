@@ -219,8 +219,8 @@ def summarize(rows: Sequence[dict[str, Any]], hot_schedule: Sequence[Sequence[in
     `tolerance` of the best MPJPE, the full model and HoT rows, and the hierarchical rows that beat HoT."""
     complete = [r for r in rows if r.get("complete", True)]
     front = pareto_front(complete)
-    hot = _find(complete, hot_schedule) if hot_schedule else None
-    full = _find(complete, [])
+    hot = find_schedule(complete, hot_schedule) if hot_schedule else None
+    full = find_schedule(complete, [])
     return {
         "trials": len(rows),
         "complete": len(complete),
@@ -234,8 +234,8 @@ def summarize(rows: Sequence[dict[str, Any]], hot_schedule: Sequence[Sequence[in
     }
 
 
-def _find(rows: Sequence[dict[str, Any]], schedule: Sequence[Sequence[int]]) -> dict[str, Any] | None:
-    """The best-MPJPE row with exactly this schedule."""
+def find_schedule(rows: Sequence[dict[str, Any]], schedule: Sequence[Sequence[int]]) -> dict[str, Any] | None:
+    """The best-MPJPE row with exactly this schedule (None when no row has it)."""
     target = [list(map(int, s)) for s in schedule]
     hits = [r for r in rows if [list(map(int, s)) for s in r.get("schedule") or []] == target
             and _finite(r.get("mpjpe_mm"))]

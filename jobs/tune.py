@@ -339,7 +339,7 @@ def finish_search(rows: list[dict[str, Any]], tcfg: Any, base: Any, out_dir: Pat
     (out_dir / "pareto.json").write_text(json.dumps({"trials": rows, "summary": summary}, indent=1))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     (out_dir / "pareto.md").write_text(table_markdown(rows))
-    fig = pareto_figure(rows, summary, f"{name}: {base.model.backbone} "
+    fig = pareto_figure(rows, tcfg.tune.hot_schedule, f"{name}: {base.model.backbone} "
                         f"d{base.model.dim}x{base.model.depth} f{base.model.frames}")
     fig.savefig(out_dir / "pareto.png", dpi=120, bbox_inches="tight")
     client.log_artifact(parent, str(out_dir / "pareto.csv"))
@@ -385,7 +385,7 @@ def _reconcile_children(rows: list[dict[str, Any]], runs: Any, base_dict: dict[s
             runs.client.set_terminated(run_id, "FAILED" if r["status"] == "error" else "FINISHED")
 
 
-def pareto_figure(rows: list[dict[str, Any]], summary: dict[str, Any], title: str) -> Any:
+def pareto_figure(rows: list[dict[str, Any]], hot_schedule: list[list[int]], title: str) -> Any:
     """GFLOPs (x) vs MPJPE (y): every trial, the Pareto front, the full model and the HoT point marked."""
     import matplotlib
 
@@ -409,12 +409,15 @@ def pareto_figure(rows: list[dict[str, Any]], summary: dict[str, Any], title: st
     for r in front:
         ax.annotate(schedule_tag(r["schedule"]), (r["gflops"], r["mpjpe_mm"]), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
-    by_id = {r["trial_id"]: r for r in rows}
-    for key, marker, color, label in (("full", "s", "black", "full model"), ("hot", "*", "tab:blue", "HoT (1 stage)")):
-        r = by_id.get(summary.get(key) or "")
+    from h2ot.search import find_schedule
+
+    for schedule, marker, color, label in (([], "s", "black", "full model"), (hot_schedule, "*", "tab:blue",
+                                                                              "HoT (1 stage)")):
+        r = find_schedule(rows, schedule) if (schedule or label == "full model") else None
         if r is not None:
             ax.scatter([r["gflops"]], [r["mpjpe_mm"]], marker=marker, s=140, facecolors="none", edgecolors=color,
-                       linewidths=1.8, label=f"{label}: {schedule_tag(r['schedule'])}", zorder=5)
+                       linewidths=1.8, label=f"{label}: {schedule_tag(r['schedule'])}"
+                       + ("" if r["complete"] else " (stopped early)"), zorder=5)
     ax.set_xlabel("GFLOPs per clip (Linear layers, 2 x MACs)")
     ax.set_ylabel("MPJPE (mm, best epoch)")
     ax.set_title(title, fontsize=9)
