@@ -158,18 +158,22 @@ def test_ray_job_submit_to_a_local_cluster(ray_env, shards, tmp_path) -> None:
     temp = str(ray_env["ray_tmp"]) + "-job"
     # --block: the head lives as long as this process, and stopping it stops only this cluster (`ray stop`
     # would stop every Ray on the host).
+    # Every fixed default port gets a free one: another Ray on the host (a test, a run) holds the defaults, and
+    # a dashboard agent that cannot bind 52365 makes every job submission fail with HTTP 500.
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port")]
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env,
+                             f"--temp-dir={temp}", "--disable-usage-stats", *ports], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         out = tmp_path / "run"
         cmd = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                "--", "python", "-m", "jobs.train", "--config", "configs/tiny.yaml", "--data", str(shards),
                "--out", str(out), "--set", "optim.epochs=1", "--no-mlflow", "--json"]
-        for _ in range(60):  # the job server needs a while after `ray start`
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            if proc.returncode == 0 or "succeeded" in proc.stdout or "failed" in proc.stdout.lower():
+        for _ in range(20):  # the job server needs a while after `ray start`; retry only while it is not up
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if proc.returncode == 0 or "Connection refused" not in proc.stdout + proc.stderr:
                 break
             time.sleep(3)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
