@@ -80,3 +80,33 @@ def predict(model: nn.Module, pose_2d: torch.Tensor, test_flip: bool = True) -> 
         raise ValueError("test-time flip needs the same output frames in both passes; call model.eval() first")
     out.pose_3d = (out.pose_3d + flip_pose(flipped.pose_3d)) / 2
     return out
+
+
+def check_input(x: torch.Tensor, cfg: ModelConfig) -> None:
+    """Raise a clear ValueError unless x is [B, frames, joints, in_channels]."""
+    expected = (cfg.frames, cfg.joints, cfg.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+
+
+class JointTokenBackbone(nn.Module):
+    """The shared start of the spatio-temporal backbones: each joint's 2D input embedded to C channels plus learned
+    spatial (per joint) and temporal (per frame) position codes -> tokens [B, T, J, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.in_channels, cfg.dim)
+        self.spatial_pos = nn.Parameter(torch.zeros(1, 1, cfg.joints, cfg.dim))
+        self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.frames, 1, cfg.dim))
+        nn.init.trunc_normal_(self.spatial_pos, std=0.02)
+        nn.init.trunc_normal_(self.temporal_pos, std=0.02)
+
+    def drop_path_rates(self) -> list[float]:
+        """Stochastic depth rising linearly to cfg.drop_path over the blocks."""
+        return torch.linspace(0, self.cfg.drop_path, self.cfg.depth).tolist()
+
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, J, in_channels] -> [B, T, J, C]."""
+        check_input(x, self.cfg)
+        return self.embed(x) + self.spatial_pos + self.temporal_pos

@@ -17,8 +17,7 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
 from h2ot.layers import Block, from_temporal, spatial_tokens, temporal_tokens
-from h2ot.models.base import CostTerms, PoseOutput, register_model
-from h2ot.models.mixste import check_input
+from h2ot.models.base import CostTerms, JointTokenBackbone, PoseOutput, register_model
 
 
 class DualStreamBlock(nn.Module):
@@ -48,17 +47,11 @@ class DualStreamBlock(nn.Module):
 
 
 @register_model("dstformer")
-class DSTformer(nn.Module):
+class DSTformer(JointTokenBackbone):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         dim = cfg.dim
-        self.embed = nn.Linear(cfg.in_channels, dim)
-        self.spatial_pos = nn.Parameter(torch.zeros(1, 1, cfg.joints, dim))
-        self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.frames, 1, dim))
-        nn.init.trunc_normal_(self.spatial_pos, std=0.02)
-        nn.init.trunc_normal_(self.temporal_pos, std=0.02)
-        drop = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        drop = self.drop_path_rates()
         self.blocks = nn.ModuleList(
             DualStreamBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
         )
@@ -82,8 +75,7 @@ class DSTformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> PoseOutput:
-        check_input(x, self.cfg)
-        h = self.embed(x) + self.spatial_pos + self.temporal_pos
+        h = self.embed_tokens(x)
         state = self.hourglass.start(h)
         for i, block in enumerate(self.blocks):
             h = self.hourglass.before_block(h, i, state)

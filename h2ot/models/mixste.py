@@ -13,27 +13,15 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
 from h2ot.layers import Block, from_temporal, spatial_tokens, temporal_tokens
-from h2ot.models.base import CostTerms, PoseOutput, register_model
-
-
-def check_input(x: torch.Tensor, cfg: ModelConfig) -> None:
-    expected = (cfg.frames, cfg.joints, cfg.in_channels)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
+from h2ot.models.base import CostTerms, JointTokenBackbone, PoseOutput, register_model
 
 
 @register_model("mixste")
-class MixSTE(nn.Module):
+class MixSTE(JointTokenBackbone):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         dim = cfg.dim
-        self.embed = nn.Linear(cfg.in_channels, dim)
-        self.spatial_pos = nn.Parameter(torch.zeros(1, 1, cfg.joints, dim))
-        self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.frames, 1, dim))
-        nn.init.trunc_normal_(self.spatial_pos, std=0.02)
-        nn.init.trunc_normal_(self.temporal_pos, std=0.02)
-        drop = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        drop = self.drop_path_rates()
         self.spatial_blocks = nn.ModuleList(
             Block(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
         )
@@ -54,9 +42,8 @@ class MixSTE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> PoseOutput:
-        check_input(x, self.cfg)
         b, _, j, _ = x.shape
-        h = self.embed(x) + self.spatial_pos + self.temporal_pos
+        h = self.embed_tokens(x)
         state = self.hourglass.start(h)
         for i in range(self.cfg.depth):
             h = self.hourglass.before_block(h, i, state)

@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from h2ot.config import ConfigError, ModelConfig
-from h2ot.models.base import CostTerms, PoseOutput, register_model
-from h2ot.models.mixste import check_input
+from h2ot.models.base import CostTerms, PoseOutput, check_input, register_model
 
 
 class ResidualBlock(nn.Module):
