@@ -94,6 +94,13 @@ def create_run(uri: str, experiment: str, name: str, out_dir: str | Path, tags: 
     return run.info.run_id
 
 
+def end_run(tracking: dict[str, str], failed: bool = False) -> None:
+    """Mark the run {uri, run_id} FINISHED (or FAILED), so the MLflow UI does not show it as running."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking["uri"]).set_terminated(tracking["run_id"], "FAILED" if failed else "FINISHED")
+
+
 class RunLogger:
     """Rank 0's handle on the run the driver created: params once, metrics per epoch, artifacts at the end."""
 
@@ -128,6 +135,3 @@ class RunLogger:
 
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)

@@ -214,6 +214,11 @@ def run_training(cfg: Any, data_dir: str | Path, out_dir: str | Path, **trainer_
         trainer_kwargs["mlflow"] = setup_mlflow(cfg, data_dir, out_dir, name, trainer_kwargs.pop("parent_run_id", None))
     trainer = build_trainer(cfg, data_dir, out_dir, **trainer_kwargs)
     result = trainer.fit()
+    tracking = trainer_kwargs.get("mlflow")
+    if isinstance(tracking, dict):  # the driver created the run, so the driver ends it (rank 0 only logs)
+        from jobs.tracking import end_run
+
+        end_run(tracking, failed=result.error is not None)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     model_path = export_best_model(result, out_dir)

@@ -118,6 +118,7 @@ def test_two_worker_ddp_run_then_resume_does_not_retrain(local_ray, shards, tmp_
     run = MlflowClient(f"sqlite:///{(out / 'mlflow.db').resolve()}").get_run(run_id)
     assert run.data.params["model.backbone"] == "mixste" and run.data.params["data.manifest_hash"]
     assert run.data.params["optim.epochs"] == "2"
+    assert run.info.status == "FINISHED", "the driver ends the run it created"
 
     # The same run again (same name and storage): the loop sees every epoch done and trains nothing.
     before = (out / "model.pt").read_bytes()
