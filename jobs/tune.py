@@ -251,8 +251,10 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
         log.info("resuming the search in %s (finished trials are kept)", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
+        # ASHA counts the loop's `epoch`, not Tune's training_iteration: a trial restarted by a resume continues its
+        # Train run at its last epoch, while its iteration count starts again from 1
         scheduler = FIFOScheduler() if tcfg.tune.scheduler == "none" else ASHAScheduler(
-            time_attr="training_iteration", max_t=base.optim.epochs, grace_period=tcfg.tune.grace_period,
+            time_attr="epoch", max_t=base.optim.epochs, grace_period=tcfg.tune.grace_period,
             reduction_factor=tcfg.tune.reduction_factor)
         param_space = {"trial": tune.grid_search(trials)}
         tuner = tune.Tuner(
