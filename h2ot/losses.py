@@ -55,4 +55,4 @@ def pose_loss(
         parts["tc"] = temporal_consistency(pred, valid)
         parts["velocity"] = velocity_loss(pred, target, valid)
     loss = parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
-    return loss, {k: float(v) for k, v in parts.items()}
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
