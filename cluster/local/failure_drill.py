@@ -58,7 +58,7 @@ def checkpoints(storage: Path) -> list[Path]:
 def checkpoint_epoch(ckpt: Path) -> int | None:
     import torch
 
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
     return int(state["epoch"]) if "epoch" in state else None
 
 
