@@ -100,7 +100,9 @@ def main() -> int:
             timeout_s=400,
         )
         os.environ.update(state.client_env())
-        client = JobSubmissionClient(state.dashboard_url)
+        # Ray may have cached its auth mode before the env changed: send the cluster's token explicitly.
+        token = Path(state.token_path).read_text().strip()
+        client = JobSubmissionClient(state.dashboard_url, headers={"Authorization": f"Bearer {token}"})
         info = wait(
             client,
             submit(
