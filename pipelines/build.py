@@ -143,13 +143,16 @@ def sequence_windows(prep: Any, frames: int, stride: int) -> dict[str, Any]:
     }
 
 
-def _concat(parts: list[dict[str, Any]], lo: int, hi: int) -> dict[str, Any]:
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The windows of several sequences as one set of columns (arrays concatenated, lists joined)."""
+    if len(parts) == 1:
+        return parts[0]
     out: dict[str, Any] = {}
     for name in parts[0]:
         if name in TENSOR_COLUMNS or name == "start":
-            out[name] = np.concatenate([p[name] for p in parts])[lo:hi]
+            out[name] = np.concatenate([p[name] for p in parts])
         else:
-            out[name] = [v for p in parts for v in p[name]][lo:hi]
+            out[name] = [v for p in parts for v in p[name]]
     return out
 
 
@@ -183,10 +186,11 @@ def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], o
         parts = per_split.get(split)
         if not parts:
             continue
-        total = sum(len(p["start"]) for p in parts)
+        columns = _concat(parts)  # once per split; each shard takes a slice (views, no copy)
+        total = len(columns["start"])
         for k, lo in enumerate(range(0, total, cfg.rows_per_shard)):
             rel = f"{split}/part-{group_id:05d}-{k:03d}.parquet"
-            table = windows_table(_concat(parts, lo, min(total, lo + cfg.rows_per_shard)))
+            table = windows_table({name: col[lo:lo + cfg.rows_per_shard] for name, col in columns.items()})
             size = write_shard(table, Path(out_dir) / rel)
             files[rel] = {"bytes": size, "rows": table.num_rows, "sha256": file_sha256(Path(out_dir) / rel)}
     return {"group": group_id, "sequences": sequences, "quarantine": quarantine, "files": files}
