@@ -30,6 +30,7 @@ import numpy as np
 
 from pipelines.config import PreprocessConfig
 from pipelines.records import BadSequence, PipelineError, SeqKey, describe, prepare_sequence
+from pipelines.safe_npz import cached_npz, npz_cache_keys, prime_npz_cache
 from pipelines.shards import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -224,8 +225,13 @@ def init_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
-def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str) -> list[dict[str, Any]]:
-    """The Ray Data path: one row per group, `map(process_group)` on the cluster's CPUs, results streamed back."""
+def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
+            inputs: list[str] | None = None) -> list[dict[str, Any]]:
+    """The Ray Data path: one row per group, `map(process_group)` on the cluster's CPUs, results streamed back.
+
+    Input files the driver has already parsed while planning (`inputs`, e.g. the Human3.6M npz) go to the
+    object store once and every worker maps them from there, instead of each worker parsing the file again.
+    """
     import ray
 
     started = init_ray(cfg.num_cpus)
@@ -234,8 +240,13 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str) -> 
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         cfg_dict = dataclasses.asdict(cfg)
+        parsed = cached_npz(inputs or [])
+        parsed_ref = ray.put(parsed) if parsed else None
+        parsed_keys = list(parsed)
 
         def work(row: dict[str, Any]) -> dict[str, Any]:
+            if parsed_ref is not None and not all(k in npz_cache_keys() for k in parsed_keys):
+                prime_npz_cache(ray.get(parsed_ref))
             result = process_group(int(row["group"]), json.loads(row["keys"]), cfg_dict, out_dir)
             return {"group": int(row["group"]), "result": json.dumps(result)}
 
@@ -375,7 +386,7 @@ def build_shards(
     tmp.mkdir()
     try:
         groups = make_groups(plan.keys, cfg)
-        results = run_ray(groups, cfg, str(tmp)) if cfg.use_ray else run_local(groups, cfg, str(tmp))
+        results = run_ray(groups, cfg, str(tmp), plan.inputs) if cfg.use_ray else run_local(groups, cfg, str(tmp))
         manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _swap_into_place(tmp, out_path)

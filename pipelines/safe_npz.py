@@ -8,11 +8,11 @@ arrays/dtypes/scalars (the globals numpy's own pickles use) and refuses every ot
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +93,48 @@ def load_npz(path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{path}: truncated or unreadable npz ({e})") from None
 
 
-@functools.lru_cache(maxsize=2)
-def _cached(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    return load_npz(path)
+CacheKey = tuple[str, int, int]  # (path, mtime_ns, size)
+_CACHE_SIZE = 2
+_CACHE: OrderedDict[CacheKey, dict[str, Any]] = OrderedDict()
+
+
+def _cache_key(path: str | Path) -> CacheKey:
+    st = os.stat(path)
+    return str(path), st.st_mtime_ns, st.st_size
 
 
 def load_npz_cached(path: str | Path) -> dict[str, Any]:
     """`load_npz`, cached per process on (path, mtime, size): every sequence of a file reads it once."""
-    st = os.stat(path)
-    return _cached(str(path), st.st_mtime_ns, st.st_size)
+    key = _cache_key(path)
+    if key not in _CACHE:
+        _CACHE[key] = load_npz(path)
+    _CACHE.move_to_end(key)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return _CACHE[key]
+
+
+def cached_npz(paths: list[str]) -> dict[CacheKey, dict[str, Any]]:
+    """The entries of this process's cache for `paths` (those already loaded and unchanged on disk).
+
+    The Ray path ships them to its workers once (`ray.put`) so that no worker parses the file again.
+    """
+    keys = {_cache_key(p) for p in paths if os.path.isfile(p)}
+    return {k: v for k, v in _CACHE.items() if k in keys}
+
+
+def npz_cache_keys() -> list[CacheKey]:
+    """The (path, mtime_ns, size) of the files this process holds parsed."""
+    return list(_CACHE)
+
+
+def prime_npz_cache(entries: dict[CacheKey, dict[str, Any]]) -> None:
+    """Put entries from `cached_npz` (of another process) into this process's cache."""
+    for key, value in entries.items():
+        _CACHE[key] = value
+        _CACHE.move_to_end(key)
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
 
 
 def unwrap(value: Any) -> Any:
