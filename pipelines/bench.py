@@ -5,10 +5,11 @@
 
 Fair by construction: both paths run `pipelines.build.build_shards` with the same config, so they call the
 same per-sequence functions (`process_group` -> `prepare_sequence` -> windows -> `write_shard`) and the same
-Parquet writer settings; each timing includes its start-up (planning, input hashing, and for Ray `ray.init`,
-worker start and shutdown). The rows are checked to be the same: both builds must have the same content hash
-(byte-identical shard files). Prints windows_per_s_ray, windows_per_s_numpy, ratio and bytes_ratio =
-shard bytes / float32 bytes of the tensor columns (valid counted at its 1 byte).
+Parquet writer settings; each path runs in a fresh Python process and its timing includes all of its start-up
+(interpreter, imports, parsing and hashing the input, and for Ray `ray.init`, worker start and shutdown).
+The rows are checked to be the same: both builds must have the same content hash (byte-identical shard files).
+Prints windows_per_s_ray, windows_per_s_numpy, ratio and bytes_ratio = shard bytes / float32 bytes of the
+tensor columns (valid counted at its 1 byte), plus where the time went (CPU seconds, per-phase timings).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,22 +30,46 @@ from typing import Any
 DEFAULT_H36M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "h36m" / "data_3d_h36m.npz"
 
 
+def _build_in_child(cfg: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
+    """One build in a fresh Python process, as a user's `h2ot preprocess` run: (wall s, CPU s, manifest).
+
+    Nothing is shared between the two paths (imports, the parsed input, Ray). CPU seconds are those of the
+    child and every process it and its children waited for (for Ray: the driver, GCS, raylet and workers).
+    """
+    from pipelines.records import PipelineError
+    from pipelines.shards import load_manifest
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pipelines.bench", "--child-config", json.dumps(cfg)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise PipelineError(f"the {'Ray' if cfg['use_ray'] else 'single-process'} build failed "
+                            f"(exit {proc.returncode}): " + " | ".join(tail))
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, load_manifest(cfg["out"])
+
+
 def run_bench(source: str, input: str | None, frames: int = 243, stride: int = 81, num_cpus: int | None = 2,
               workdir: str | None = None, **options: Any) -> dict[str, Any]:
-    """Build the same shards twice (single process, then Ray Data) and compare; returns the figures."""
-    from pipelines.build import build_shards
+    """Build the same shards twice (single process, then Ray Data), each in a fresh process; compare."""
+    import dataclasses
+
     from pipelines.config import PreprocessConfig
 
-    tmp = Path(tempfile.mkdtemp(prefix="h2ot-bench-", dir=workdir))
+    load_before = list(os.getloadavg())  # the machine may be shared: 1, 5, 15-minute load averages
+    tmp = Path(tempfile.mkdtemp(prefix="h2ot-bench-", dir=workdir)).resolve()
+    input = str(Path(input).resolve()) if input else None  # the children run from the repository root
     try:
         results = {}
         for name, use_ray in (("numpy", False), ("ray", True)):
             cfg = PreprocessConfig(source=source, input=input, out=str(tmp / name), frames=frames, stride=stride,
                                    use_ray=use_ray, num_cpus=num_cpus, progress=False, **options)
-            t0 = time.perf_counter()
-            m = build_shards(config=cfg)
-            results[name] = (time.perf_counter() - t0, m)
-        (t_np, m_np), (t_ray, m_ray) = results["numpy"], results["ray"]
+            results[name] = _build_in_child(dataclasses.asdict(cfg))
+        (t_np, cpu_np, m_np), (t_ray, cpu_ray, m_ray) = results["numpy"], results["ray"]
         windows = m_np["counts"]["train"]["windows"] + m_np["counts"]["test"]["windows"]
         if m_np["content_hash"] != m_ray["content_hash"]:
             raise RuntimeError("the Ray and single-process builds wrote different shards")
@@ -53,6 +81,13 @@ def run_bench(source: str, input: str | None, frames: int = 243, stride: int = 8
             "ratio": round(t_np / t_ray, 3), "bytes_ratio": round(m_np["bytes_ratio"], 4),
             "shard_bytes": m_np["bytes"]["total"], "tensor_bytes_raw": m_np["tensor_bytes_raw"],
             "same_rows": True, "content_hash": m_np["content_hash"],
+            # Where the time goes. Seconds include the interpreter's start and imports; inside build_shards:
+            # plan_s (parse + hash the input), ray_start_s / ray_stop_s, process_s (the groups themselves).
+            # cpu / wall ~ 1 means one core busy: the single-process path cannot use the second core.
+            "cpu_seconds_numpy": round(cpu_np, 3), "cpu_seconds_ray": round(cpu_ray, 3),
+            "timings_numpy": m_np["timings"], "timings_ray": m_ray["timings"],
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -67,8 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-cpus", dest="num_cpus", type=int, default=2)
     p.add_argument("--workdir", default=None, help="where the two temporary builds go (default: system temp)")
     p.add_argument("--json", action="store_true", help="print only the JSON figures")
+    p.add_argument("--child-config", dest="child_config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.child_config is not None:  # one timed build (see _build_in_child)
+        from pipelines.build import build_shards
+        from pipelines.config import PreprocessConfig
+        from pipelines.records import PipelineError
+
+        try:
+            build_shards(config=PreprocessConfig(**json.loads(args.child_config)))
+        except PipelineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     source, inp = args.source, args.input
     if source is None:
         source = "h36m" if (inp or DEFAULT_H36M.is_file()) else "synthetic"

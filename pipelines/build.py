@@ -226,15 +226,19 @@ def init_ray(num_cpus: int | None = None) -> bool:
 
 
 def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
-            inputs: list[str] | None = None) -> list[dict[str, Any]]:
+            inputs: list[str] | None = None, timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """The Ray Data path: one row per group, `map(process_group)` on the cluster's CPUs, results streamed back.
 
     Input files the driver has already parsed while planning (`inputs`, e.g. the Human3.6M npz) go to the
     object store once and every worker maps them from there, instead of each worker parsing the file again.
+    `timings` (if given) receives ray_start_s, process_s and ray_stop_s.
     """
     import ray
 
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     started = init_ray(cfg.num_cpus)
+    timings["ray_start_s"] = time.perf_counter() - t0
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -257,10 +261,13 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
             for row in ds.iter_rows():
                 results.append(json.loads(row["result"]))
                 bar.update(1)
+        timings["process_s"] = time.perf_counter() - t0 - timings["ray_start_s"]
         return sorted(results, key=lambda r: r["group"])
     finally:
+        t1 = time.perf_counter()
         if started:
             ray.shutdown()
+        timings["ray_stop_s"] = time.perf_counter() - t1
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -386,8 +393,14 @@ def build_shards(
     tmp.mkdir()
     try:
         groups = make_groups(plan.keys, cfg)
-        results = run_ray(groups, cfg, str(tmp), plan.inputs) if cfg.use_ray else run_local(groups, cfg, str(tmp))
-        manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0)
+        timings = {"plan_s": time.perf_counter() - t0}
+        if cfg.use_ray:
+            results = run_ray(groups, cfg, str(tmp), plan.inputs, timings)
+        else:
+            t1 = time.perf_counter()
+            results = run_local(groups, cfg, str(tmp))
+            timings["process_s"] = time.perf_counter() - t1
+        manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0, timings)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _swap_into_place(tmp, out_path)
     except BaseException:
@@ -397,7 +410,7 @@ def build_shards(
 
 
 def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: list[dict[str, Any]], key: str,
-              results: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+              results: list[dict[str, Any]], seconds: float, timings: dict[str, float]) -> dict[str, Any]:
     sequences = [s for r in results for s in r["sequences"]]
     quarantine = list(plan.quarantine) + [q for r in results for q in r["quarantine"]]
     files = {rel: info for r in results for rel, info in r["files"].items()}
@@ -427,7 +440,8 @@ def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: li
         "quarantine": quarantine, "warnings": warnings, "sequences": sequences,
         "files": dict(sorted(files.items())),
         "content_hash": content_hash({rel: f["sha256"] for rel, f in files.items()}),
-        "seconds": round(seconds, 3), "created_unix": int(time.time()),
+        "seconds": round(seconds, 3), "timings": {k: round(v, 3) for k, v in timings.items()},
+        "created_unix": int(time.time()),
     }
 
 

@@ -99,6 +99,8 @@ _CACHE: OrderedDict[CacheKey, dict[str, Any]] = OrderedDict()
 
 
 def _cache_key(path: str | Path) -> CacheKey:
+    if not os.path.isfile(path):
+        raise PipelineError(f"{path}: no such file")
     st = os.stat(path)
     return str(path), st.st_mtime_ns, st.st_size
 
