@@ -82,9 +82,11 @@ def run_bench(source: str, input: str | None, frames: int = 243, stride: int = 8
             "shard_bytes": m_np["bytes"]["total"], "tensor_bytes_raw": m_np["tensor_bytes_raw"],
             "same_rows": True, "content_hash": m_np["content_hash"],
             # Where the time goes. Seconds include the interpreter's start and imports; inside build_shards:
-            # plan_s (parse + hash the input), ray_start_s / ray_stop_s, process_s (the groups themselves).
-            # cpu / wall ~ 1 means one core busy: the single-process path cannot use the second core.
-            "cpu_seconds_numpy": round(cpu_np, 3), "cpu_seconds_ray": round(cpu_ray, 3),
+            # plan_s (parse + hash the input), ray_start_s / ray_stop_s, process_s (the groups themselves),
+            # task_cpu_s (CPU seconds of processing the groups, summed over the workers for Ray).
+            # cpu_seconds_numpy / seconds_numpy ~ 1: the single-process path keeps one core busy, no more.
+            # cpu_seconds_ray_reaped: the Ray driver, GCS and raylet (Ray's workers are not reaped by us).
+            "cpu_seconds_numpy": round(cpu_np, 3), "cpu_seconds_ray_reaped": round(cpu_ray, 3),
             "timings_numpy": m_np["timings"], "timings_ray": m_ray["timings"],
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],

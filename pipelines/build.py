@@ -249,9 +249,11 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
         parsed_keys = list(parsed)
 
         def work(row: dict[str, Any]) -> dict[str, Any]:
+            c0 = time.process_time()
             if parsed_ref is not None and not all(k in npz_cache_keys() for k in parsed_keys):
                 prime_npz_cache(ray.get(parsed_ref))
             result = process_group(int(row["group"]), json.loads(row["keys"]), cfg_dict, out_dir)
+            result["cpu_s"] = time.process_time() - c0  # this task's CPU seconds in its worker
             return {"group": int(row["group"]), "result": json.dumps(result)}
 
         items = [{"group": i, "keys": json.dumps(g)} for i, g in enumerate(groups)]
@@ -262,6 +264,7 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
                 results.append(json.loads(row["result"]))
                 bar.update(1)
         timings["process_s"] = time.perf_counter() - t0 - timings["ray_start_s"]
+        timings["task_cpu_s"] = sum(r["cpu_s"] for r in results)
         return sorted(results, key=lambda r: r["group"])
     finally:
         t1 = time.perf_counter()
@@ -397,9 +400,10 @@ def build_shards(
         if cfg.use_ray:
             results = run_ray(groups, cfg, str(tmp), plan.inputs, timings)
         else:
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             results = run_local(groups, cfg, str(tmp))
             timings["process_s"] = time.perf_counter() - t1
+            timings["task_cpu_s"] = time.process_time() - c1
         manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0, timings)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _swap_into_place(tmp, out_path)
