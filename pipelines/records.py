@@ -145,9 +145,10 @@ def prepare_sequence(
 
     child = [b[0] for b in BONES]
     parent = [b[1] for b in BONES]
-    bones = np.linalg.norm(x3[:, child] - x3[:, parent], axis=-1)
-    if bones.max() > ABSURD_BONE_M:
-        raise BadSequence(f"3D has absurd bone lengths (max {bones.max():.3g} m > {ABSURD_BONE_M} m; wrong units "
+    d = x3[:, child] - x3[:, parent]
+    longest = np.sqrt((d[..., 0] ** 2 + d[..., 1] ** 2 + d[..., 2] ** 2).max())  # max |bone|, metres
+    if longest > ABSURD_BONE_M:
+        raise BadSequence(f"3D has absurd bone lengths (max {longest:.3g} m > {ABSURD_BONE_M} m; wrong units "
                           "or joint order?)")
     cam = raw.camera
     x_cam = cam.world_to_camera(x3) if raw.world else x3
