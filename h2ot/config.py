@@ -113,6 +113,10 @@ class RunSettings:
     experiment: str = "h2ot"
     storage_path: str | None = None  # default: RUN_DIR/ray; a shared path (NFS, s3://) on a cluster
     max_failures: int = 1
+    # Worker-group starts that time out (no room for the workers within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+    # 60 s) before the run fails with Ray Train's WorkerGroupStartupTimeoutError; -1 (Ray's default) waits for
+    # the capacity to come back however long it takes (the job stays RUNNING), e.g. after losing a node.
+    max_startup_failures: int = -1
     num_to_keep: int = 2
 
 

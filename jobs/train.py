@@ -173,7 +173,8 @@ def build_trainer(
         run_config=RunConfig(
             name=name,
             storage_path=storage_path or default_storage_path(cfg, out_dir),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         controller_failure_limit=cfg.run.max_startup_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep,
                                                checkpoint_score_attribute="val/mpjpe_mm",
                                                checkpoint_score_order="min"),

@@ -71,3 +71,10 @@ def test_every_shipped_config_loads_and_builds(path: Path) -> None:
         model_cfg = getattr(cfg, "model_config", lambda: None)()
     if model_cfg is not None:
         build_model(model_cfg)
+
+
+def test_startup_failures_default_to_waiting_for_capacity() -> None:
+    """run.max_startup_failures -> Ray Train's controller_failure_limit: -1 (Ray's default) waits for capacity."""
+    assert TrainConfig().run.max_startup_failures == -1
+    assert config_from_dict(apply_overrides({"kind": "train"}, ["run.max_startup_failures=1"])).run \
+        .max_startup_failures == 1
