@@ -23,6 +23,7 @@ import shutil
 import time
 import uuid
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,9 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     started = init_ray(cfg.num_cpus)
-    timings["ray_start_s"] = time.perf_counter() - t0
+    if started:
+        timings["ray_start_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -263,14 +266,14 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
             for row in ds.iter_rows():
                 results.append(json.loads(row["result"]))
                 bar.update(1)
-        timings["process_s"] = time.perf_counter() - t0 - timings["ray_start_s"]
+        timings["process_s"] = time.perf_counter() - t0
         timings["task_cpu_s"] = sum(r["cpu_s"] for r in results)
         return sorted(results, key=lambda r: r["group"])
     finally:
-        t1 = time.perf_counter()
         if started:
+            t1 = time.perf_counter()
             ray.shutdown()
-        timings["ray_stop_s"] = time.perf_counter() - t1
+            timings["ray_stop_s"] = time.perf_counter() - t1
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -367,14 +370,54 @@ def build_shards(
         raise PipelineError("no output folder (--out)")
     t0 = time.perf_counter()
     out_path = Path(cfg.out).resolve()
+    timings: dict[str, float] = {}
+    ray_started = False
+    try:
+        inputs_exist = all(Path(p).exists() for p in (cfg.input, cfg.input_2d) if p)
+        if cfg.use_ray and inputs_exist and not (out_path / MANIFEST).is_file():
+            # A fresh build on Ray: start Ray while a thread plans (parses and hashes the input), since
+            # ray.init mostly waits for its processes to come up. (Not for a rerun, which may be a no-op,
+            # nor with a missing input, which fails at once.)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                planned = pool.submit(_plan, cfg, timings)
+                t1 = time.perf_counter()
+                try:
+                    ray_started = init_ray(cfg.num_cpus)
+                finally:
+                    timings["ray_start_s"] = time.perf_counter() - t1
+                plan, warnings, inputs = planned.result()
+        else:
+            plan, warnings, inputs = _plan(cfg, timings)
+        return _build(cfg, out_path, plan, warnings, inputs, t0, timings, stop_ray=ray_started)
+    finally:
+        if ray_started:
+            _stop_ray()  # after an error; a successful build stopped Ray before writing its manifest
+
+
+def _plan(cfg: PreprocessConfig, timings: dict[str, float]) -> tuple[Plan, list[str], list[dict[str, Any]]]:
+    """The source's plan with splits assigned, its warnings (logged) and the hashed inputs (timings: plan_s)."""
+    t0 = time.perf_counter()
     src = get_source(cfg.source)
     plan = src.plan(cfg)
     warnings = list(plan.warnings) + assign_splits(plan, cfg, src)
     for w in warnings:
         log.warning(w)
     inputs = _hash_inputs(plan.inputs)
-    key = build_key(cfg, inputs)
+    timings["plan_s"] = time.perf_counter() - t0
+    return plan, warnings, inputs
 
+
+def _stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _build(cfg: PreprocessConfig, out_path: Path, plan: Plan, warnings: list[str], inputs: list[dict[str, Any]],
+           t0: float, timings: dict[str, float], stop_ray: bool) -> dict[str, Any]:
+    """The rest of build_shards once planned: the up-to-date check, then process, write and swap into place."""
+    key = build_key(cfg, inputs)
     if (out_path / MANIFEST).is_file():
         try:
             old = json.loads((out_path / MANIFEST).read_text())
@@ -396,9 +439,13 @@ def build_shards(
     tmp.mkdir()
     try:
         groups = make_groups(plan.keys, cfg)
-        timings = {"plan_s": time.perf_counter() - t0}
+        timings["ready_s"] = time.perf_counter() - t0  # wall time before processing (plan, and Ray's start)
         if cfg.use_ray:
             results = run_ray(groups, cfg, str(tmp), plan.inputs, timings)
+            if stop_ray:
+                t1 = time.perf_counter()
+                _stop_ray()
+                timings["ray_stop_s"] = time.perf_counter() - t1
         else:
             t1, c1 = time.perf_counter(), time.process_time()
             results = run_local(groups, cfg, str(tmp))
