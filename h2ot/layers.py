@@ -11,6 +11,19 @@ from torch import nn
 ATTENTION_RECEIVED = "attention_received"
 
 
+def init_transformer_weights(module: nn.Module) -> None:
+    """The ViT / MixSTE / MotionBERT initialisation, for `model.apply`: Linear weights ~ N(0, 0.02) truncated,
+    zero biases; LayerNorm (1, 0). PyTorch's default gives the 2-channel joint embedding biases of up to 0.7 that
+    drown the keypoints' small coordinates; the small MixSTE then sat near the mean pose for hundreds of steps."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the token axis of x: [N, L, C] -> [N, L, C]."""
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
-from h2ot.layers import Block, from_temporal, spatial_tokens, temporal_tokens
+from h2ot.layers import Block, from_temporal, init_transformer_weights, spatial_tokens, temporal_tokens
 from h2ot.models.base import CostTerms, JointTokenBackbone, PoseOutput, register_model
 
 
@@ -32,6 +32,10 @@ class DualStreamBlock(nn.Module):
         self.st_spatial, self.st_temporal = block(), block()
         self.ts_temporal, self.ts_spatial = block(), block()
         self.fuse = nn.Linear(2 * dim, 2)  # per-token logits of the two streams
+        self.reset_fuse()
+
+    def reset_fuse(self) -> None:
+        """Both streams weighted equally at the start."""
         nn.init.zeros_(self.fuse.weight)
         nn.init.constant_(self.fuse.bias, 0.5)
 
@@ -62,6 +66,9 @@ class DSTformer(JointTokenBackbone):
         else:
             self.pre_logits = nn.Identity()
         self.head = nn.Linear(cfg.rep_dim or dim, 3)
+        self.apply(init_transformer_weights)
+        for block in self.blocks:
+            block.reset_fuse()
 
     @classmethod
     def cost_terms(cls, cfg: ModelConfig) -> CostTerms:

@@ -12,7 +12,7 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
-from h2ot.layers import Block, from_temporal, spatial_tokens, temporal_tokens
+from h2ot.layers import Block, from_temporal, init_transformer_weights, spatial_tokens, temporal_tokens
 from h2ot.models.base import CostTerms, JointTokenBackbone, PoseOutput, register_model
 
 
@@ -31,6 +31,7 @@ class MixSTE(JointTokenBackbone):
         self.hourglass = Hourglass(cfg, dim)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 3)
+        self.apply(init_transformer_weights)
 
     @classmethod
     def cost_terms(cls, cfg: ModelConfig) -> CostTerms:
