@@ -52,6 +52,9 @@ class ModelConfig:
     frames: int = 243
     joints: int = 17
     in_channels: int = 2  # 2: (x, y); 3: (x, y, confidence)
+    # Root-relative input: subtract the root joint's (x, y) in every frame, as the 3D targets are root-relative.
+    # The papers feed screen positions; small models trained briefly learn far faster from centred keypoints.
+    center_2d: bool = False
     dim: int = 512
     depth: int = 8
     heads: int = 8
@@ -87,7 +90,9 @@ class OptimConfig:
     steps_per_epoch: int | None = None  # cap, so budgets are comparable and schedulers get points
     batch_size: int = 16  # clips per worker
     lr: float = 5e-4
-    lr_decay: float = 0.99  # multiplied in every epoch
+    lr_schedule: str = "exponential"  # "exponential": x lr_decay every epoch; "cosine": warm-up, then cosine to 0
+    lr_decay: float = 0.99  # exponential: multiplied in every epoch
+    warmup_steps: int = 0  # cosine: linear warm-up over these steps
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     flip_augment: bool = True

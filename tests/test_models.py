@@ -106,3 +106,16 @@ def test_unknown_strategy_names_the_key() -> None:
         build_model(tiny_cfg("mixste", schedule=[[1, 9]], trm="nope"))
     with pytest.raises(ValueError, match="model.backbone"):
         build_model(tiny_cfg("nope"))
+
+
+@pytest.mark.parametrize("backbone", sorted(MODEL_REGISTRY))
+def test_center_2d_makes_the_output_independent_of_where_the_person_stands(backbone: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 27, 17, 3 if backbone == "dstformer" else 2)
+    shift = torch.zeros_like(x)
+    shift[..., 0], shift[..., 1] = 0.3, -0.2  # the whole person moved on screen; confidences unchanged
+    for center, same in ((True, True), (False, False)):
+        model = build_model(tiny_cfg(backbone, center_2d=center)).eval()
+        with torch.no_grad():
+            moved = torch.allclose(model(x).pose_3d, model(x + shift).pose_3d, atol=1e-5)
+        assert moved is same

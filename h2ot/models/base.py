@@ -89,6 +89,15 @@ def check_input(x: torch.Tensor, cfg: ModelConfig) -> None:
         raise ValueError(f"expected input [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(x.shape)}")
 
 
+def prepare_input(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """check_input, then (cfg.center_2d) the keypoints relative to the root joint (joint 0) of their frame."""
+    check_input(x, cfg)
+    if not cfg.center_2d:
+        return x
+    xy = x[..., :2] - x[..., :1, :2]
+    return torch.cat([xy, x[..., 2:]], dim=-1) if x.shape[-1] > 2 else xy
+
+
 class JointTokenBackbone(nn.Module):
     """The shared start of the spatio-temporal backbones: each joint's 2D input embedded to C channels plus learned
     spatial (per joint) and temporal (per frame) position codes -> tokens [B, T, J, C]."""
@@ -108,5 +117,4 @@ class JointTokenBackbone(nn.Module):
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, J, in_channels] -> [B, T, J, C]."""
-        check_input(x, self.cfg)
-        return self.embed(x) + self.spatial_pos + self.temporal_pos
+        return self.embed(prepare_input(x, self.cfg)) + self.spatial_pos + self.temporal_pos

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from h2ot.config import ConfigError, ModelConfig
-from h2ot.models.base import CostTerms, PoseOutput, check_input, register_model
+from h2ot.models.base import CostTerms, PoseOutput, prepare_input, register_model
 
 
 class ResidualBlock(nn.Module):
@@ -53,7 +53,7 @@ class MLPLifter(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> PoseOutput:
-        check_input(x, self.cfg)
+        x = prepare_input(x, self.cfg)
         b, t, j, _ = x.shape
         if self.cfg.seq2frame:
             x = x[:, t // 2 : t // 2 + 1]
