@@ -97,12 +97,14 @@ def setup_mlflow(cfg: Any, data_dir: str | Path, out_dir: str | Path, name: str,
     return {"uri": uri, "run_id": run_id}
 
 
-def train_dataset(data_dir: str | Path, materialize: bool = True) -> Any:
+def train_dataset(data_dir: str | Path, materialize: bool = True, seed: int | None = None) -> Any:
     """The training windows as a Ray Dataset of tensor columns only (strings break iter_torch_batches).
 
-    Materialized once in the object store (decoding Parquet every epoch made the workers wait for data more than
-    half of the time on 2 cores); every epoch then visits the blocks in a new random order, and the loop adds a
-    local shuffle buffer. Set materialize=False for data larger than the object store.
+    Shards hold each sequence's windows in order, so reading them as written makes batches of near-identical
+    consecutive windows. Materialized, the windows are shuffled globally once (seeded) and kept in the object
+    store (decoding Parquet every epoch made the workers wait for data more than half of the time on 2 cores);
+    every epoch then visits the blocks in a new random order, and the loop adds a local shuffle buffer.
+    Set materialize=False for data larger than the object store (file order and the local buffer only).
     """
     import ray
 
@@ -110,7 +112,7 @@ def train_dataset(data_dir: str | Path, materialize: bool = True) -> Any:
 
     ds = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), shuffle="files").select_columns(TRAIN_COLUMNS)
     if materialize:
-        ds = ds.materialize()
+        ds = ds.random_shuffle(seed=seed).materialize()
     return ds.randomize_block_order()
 
 
@@ -164,7 +166,7 @@ def build_trainer(
     env = dict(WORKER_ENV)
     if tracking:
         env["MLFLOW_TRACKING_URI"] = tracking["uri"]
-    train_ds = train_dataset(data_dir)
+    train_ds = train_dataset(data_dir, seed=cfg.optim.seed)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(cfg, data_dir, mlflow=tracking, fail_at_step=fail_at_step),

@@ -54,6 +54,28 @@ def flip_half(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[t
     return torch.where(mask, flip_pose(x), x), torch.where(mask, flip_pose(y), y)
 
 
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: Any) -> tuple[Any, bool]:
+    """(scheduler, per_step): "exponential" steps once per epoch, "cosine" once per training step.
+
+    cosine: linear warm-up over optim.warmup_steps, then half a cosine from lr to 0 at the run's last step
+    (epochs x steps_per_epoch, so the cap must be set).
+    """
+    if ocfg.lr_schedule == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=ocfg.lr_decay), False
+    if ocfg.lr_schedule != "cosine":
+        raise ValueError(f"optim.lr_schedule: unknown schedule {ocfg.lr_schedule!r}; known: exponential, cosine")
+    if not ocfg.steps_per_epoch:
+        raise ValueError("optim.lr_schedule=cosine needs optim.steps_per_epoch (the run's length in steps)")
+    total, warmup = ocfg.epochs * ocfg.steps_per_epoch, max(0, ocfg.warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+
+
 def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return getattr(model, "module", model).state_dict()
 
@@ -92,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     gflops = model_gflops(model, mcfg) if rank == 0 else {}
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=ocfg.lr_decay)
+    scheduler, schedule_per_step = build_lr_scheduler(optimizer, ocfg)
     use_amp = bool(ocfg.amp) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -167,6 +189,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
+            if schedule_per_step:
+                scheduler.step()
             steps += 1
             global_step += 1
             clips += x.shape[0]
@@ -175,7 +199,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             busy += t_mark - t_data
         if steps == 0:
             raise ValueError(f"{config['data_dir']}/train: no full batch of {ocfg.batch_size} clips for this worker")
-        scheduler.step()
+        if not schedule_per_step:
+            scheduler.step()
         train_seconds = wait + busy
         elapsed += train_seconds
 

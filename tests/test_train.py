@@ -81,6 +81,44 @@ def test_mismatched_window_length_is_refused_before_ray_starts(tmp_path, capsys)
     assert "9 frames" in err and "model.frames is 27" in err
 
 
+def test_cosine_schedule_warms_up_decays_to_zero_and_resumes() -> None:
+    import torch
+
+    from jobs.train_loop import build_lr_scheduler
+
+    ocfg = tiny_cfg("optim.lr_schedule=cosine", "optim.warmup_steps=4", "optim.epochs=2",
+                    "optim.steps_per_epoch=10", "optim.lr=0.1").optim
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)
+    sched, per_step = build_lr_scheduler(opt, ocfg)
+    assert per_step
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(20):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.025, 0.05, 0.075, 0.1])  # warm-up
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # then never rises
+    assert lrs[20] == pytest.approx(0.0, abs=1e-12)  # 0 at the run's last step
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=ocfg.lr)
+    resumed, _ = build_lr_scheduler(opt2, ocfg)
+    state = {"last_epoch": 10, "_step_count": 11, "base_lrs": [0.1], "_last_lr": [lrs[10]]}
+    resumed.load_state_dict({**sched.state_dict(), **state})
+    resumed.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(lrs[11])
+
+
+def test_cosine_schedule_needs_a_step_cap_and_unknown_schedules_are_named() -> None:
+    import torch
+
+    from jobs.train_loop import build_lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        build_lr_scheduler(opt, tiny_cfg("optim.lr_schedule=cosine", "optim.steps_per_epoch=null").optim)
+    with pytest.raises(ValueError, match="optim.lr_schedule"):
+        build_lr_scheduler(opt, tiny_cfg("optim.lr_schedule=linear").optim)
+
+
 def test_tracking_uri_env_wins_else_absolute_sqlite(tmp_path, monkeypatch) -> None:
     from jobs.tracking import run_name, tracking_uri
 
