@@ -1,11 +1,13 @@
-"""Helpers shared by the job entry points: clear one-line errors instead of tracebacks."""
+"""Helpers shared by the job entry points: clear one-line errors instead of tracebacks, common flags."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -36,3 +38,15 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def add_output_flags(parser: argparse.ArgumentParser, json_help: str = "print one JSON object") -> None:
+    """--json and --verbose, the same on every job."""
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def require_shards(data: str | Path) -> None:
+    """A UserError unless `data` is a folder (the shards of `h2ot preprocess`)."""
+    if not Path(data).is_dir():
+        raise UserError(f"--data {data}: no such folder (run `h2ot preprocess --out {data}` first)")

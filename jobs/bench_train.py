@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs._common import UserError, friendly_errors, setup_logging
+from jobs._common import add_output_flags, friendly_errors, require_shards, setup_logging
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mixste_small.yaml"
@@ -114,8 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="Ray epochs of --steps steps; the last one is measured")
     p.add_argument("--warmup", type=int, default=5, help="plain loop: unmeasured first steps")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--verbose", action="store_true")
+    add_output_flags(p)
     return p.parse_args(argv)
 
 
@@ -123,8 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    if not Path(args.data).is_dir():
-        raise UserError(f"--data {args.data}: no such folder")
+    require_shards(args.data)
     out = run_bench(args.config, args.data, args.steps, args.epochs, args.warmup, args.workers)
     if args.json:
         print(json.dumps(out))

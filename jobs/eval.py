@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs._common import UserError, friendly_errors, setup_logging
+from jobs._common import UserError, add_output_flags, friendly_errors, setup_logging
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *,
@@ -76,8 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of windows (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object (default: a short summary)")
-    p.add_argument("--verbose", action="store_true")
+    add_output_flags(p, "print one JSON object (default: a short summary)")
     return p.parse_args(argv)
 
 

@@ -22,13 +22,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs._common import UserError, friendly_errors, setup_logging
+from jobs._common import UserError, add_output_flags, friendly_errors, require_shards, setup_logging
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "result.json"
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # worker prints once, not twice (ECOSYSTEM.md)
+
+
+def apply_worker_env() -> None:
+    """WORKER_ENV into this process's environment (a local Ray passes it on), values already set win."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def _is_uri(path: str) -> bool:
@@ -250,8 +256,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value with dotted keys, e.g. --set optim.epochs=2 (repeatable)")
     p.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
-    p.add_argument("--json", action="store_true", help="print the result summary as one JSON object")
-    p.add_argument("--verbose", action="store_true")
+    add_output_flags(p, "print the result summary as one JSON object")
     return p.parse_args(argv)
 
 
@@ -259,13 +264,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
+    apply_worker_env()
     from h2ot.config import load_config
 
     cfg = load_config(args.config, args.overrides, kind="train")
-    if not Path(args.data).is_dir():
-        raise UserError(f"--data {args.data}: no such folder (run `h2ot preprocess --out {args.data}` first)")
+    require_shards(args.data)
     summary = run_training(cfg, args.data, args.out, mlflow=not args.no_mlflow)
     if args.json:
         print(json.dumps(summary, default=str))

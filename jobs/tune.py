@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jobs._common import UserError, friendly_errors, setup_logging
+from jobs._common import add_output_flags, friendly_errors, require_shards, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +483,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray (default: all)")
     p.add_argument("--fresh", action="store_true", help="start over even if OUT holds an interrupted search")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the trials; no Ray")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.add_argument("--verbose", action="store_true")
+    add_output_flags(p, "print the summary as one JSON object")
     return p.parse_args(argv)
 
 
@@ -492,16 +491,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from jobs.train import WORKER_ENV
+    from jobs.train import apply_worker_env
 
-    for k, v in WORKER_ENV.items():
-        os.environ.setdefault(k, v)
+    apply_worker_env()
     if args.dry_run:
         _, _, trials = load_search(args.config, args.overrides)
         print(json.dumps(trials, indent=1))
         return 0
-    if not Path(args.data).is_dir():
-        raise UserError(f"--data {args.data}: no such folder (run `h2ot preprocess --out {args.data}` first)")
+    require_shards(args.data)
     summary = run_search(args.config, args.data, args.out, overrides=args.overrides, storage=args.storage,
                          num_cpus=args.num_cpus, fresh=args.fresh)
     print(json.dumps(summary, default=str) if args.json else format_summary(summary))
