@@ -62,6 +62,21 @@ class CrossAttentionRecovery(nn.Module):
         return from_temporal(out, b, j)
 
 
+def _neighbours(kept_indices: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every frame t of [0, frames): (t [B, T], left, right [B, T]): the positions among the kept frames of
+    the last kept index < t and the first kept index >= t (clamped to the ends)."""
+    b, n = kept_indices.shape
+    t = torch.arange(frames, device=kept_indices.device).expand(b, frames).contiguous()
+    right = torch.searchsorted(kept_indices.contiguous(), t).clamp(max=n - 1)
+    return t, (right - 1).clamp(min=0), right
+
+
+def _take(x_kept: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x_kept [B, N, J, C] at positions pos [B, T] -> [B, T, J, C]."""
+    b, _, j, c = x_kept.shape
+    return torch.gather(x_kept, 1, pos[:, :, None, None].expand(b, pos.shape[1], j, c))
+
+
 @register_trm("linear")
 class LinearRecovery(nn.Module):
     """Linear interpolation in time between the kept frames (original indices); the first/last kept frame
@@ -71,22 +86,14 @@ class LinearRecovery(nn.Module):
         super().__init__()
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
-        b, n, j, c = x_kept.shape
-        t = torch.arange(frames, device=x_kept.device).expand(b, frames).contiguous()
-        idx = kept_indices.contiguous()
-        right = torch.searchsorted(idx, t).clamp(max=n - 1)  # first kept index >= t
-        left = (right - 1).clamp(min=0)
-        right_t = torch.gather(idx, 1, right).float()
-        left_t = torch.gather(idx, 1, left).float()
+        t, left, right = _neighbours(kept_indices, frames)
+        right_t = torch.gather(kept_indices, 1, right).float()
+        left_t = torch.gather(kept_indices, 1, left).float()
         span = (right_t - left_t).clamp(min=1.0)
         w = ((t.float() - left_t) / span).clamp(0.0, 1.0)  # 0 before the first kept frame: hold it
         w = torch.where(right_t <= t.float(), torch.ones_like(w), w)  # beyond the last kept: hold it
-
-        def take(pos: torch.Tensor) -> torch.Tensor:
-            return torch.gather(x_kept, 1, pos[:, :, None, None].expand(b, frames, j, c))
-
         w = w[:, :, None, None].to(x_kept.dtype)
-        return take(left) * (1 - w) + take(right) * w
+        return _take(x_kept, left) * (1 - w) + _take(x_kept, right) * w
 
 
 @register_trm("nearest")
@@ -98,12 +105,7 @@ class NearestRecovery(nn.Module):
         super().__init__()
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
-        b, n, j, c = x_kept.shape
-        t = torch.arange(frames, device=x_kept.device).expand(b, frames).contiguous()
-        idx = kept_indices.contiguous()
-        right = torch.searchsorted(idx, t).clamp(max=n - 1)  # first kept index >= t (or the last)
-        left = (right - 1).clamp(min=0)
-        to_left = (t - torch.gather(idx, 1, left)).abs()
-        to_right = (torch.gather(idx, 1, right) - t).abs()
-        pos = torch.where(to_left <= to_right, left, right)  # [B, T] position among the kept frames
-        return torch.gather(x_kept, 1, pos[:, :, None, None].expand(b, frames, j, c))
+        t, left, right = _neighbours(kept_indices, frames)
+        to_left = (t - torch.gather(kept_indices, 1, left)).abs()
+        to_right = (torch.gather(kept_indices, 1, right) - t).abs()
+        return _take(x_kept, torch.where(to_left <= to_right, left, right))

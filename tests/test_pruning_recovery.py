@@ -69,6 +69,15 @@ def test_linear_trm_reproduces_linear_motion_between_kept_frames() -> None:
     torch.testing.assert_close(out[:, 26:], full[:, 25:26].expand(1, 4, j, c))  # and after the last
 
 
+def test_nearest_trm_copies_the_nearest_kept_frame_earlier_on_ties() -> None:
+    kept_idx = torch.tensor([[1, 4, 8]])
+    x_kept = torch.tensor([10.0, 40.0, 80.0])[None, :, None, None]  # [1, 3, 1, 1]: value = 10 x its frame
+    out = TRM_REGISTRY["nearest"](ModelConfig(frames=10), 1)(x_kept, kept_idx, 10)
+    # frame:               0   1   2   3   4   5   6   7   8   9  (6: tie between 4 and 8 -> 4)
+    expected = torch.tensor([10, 10, 10, 40, 40, 40, 40, 80, 80, 80], dtype=torch.float32)
+    torch.testing.assert_close(out[0, :, 0, 0], expected)
+
+
 def test_cross_attention_trm_restores_length() -> None:
     cfg = ModelConfig(frames=27, dim=16, heads=2)
     trm = TRM_REGISTRY["cross_attention"](cfg, 16)
