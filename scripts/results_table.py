@@ -1,11 +1,15 @@
 """Print the docs/RESULTS.md tables from finished runs: per-epoch MLflow histories + `h2ot eval` JSON files.
 
 usage: python scripts/results_table.py RUN_DIR [RUN_DIR ...]   (each RUN_DIR of `h2ot train`, with RUN_DIR.eval.json)
+
+Runs named <config>_s<seed> are also summarised per config as mean +- sd over their seeds.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,7 +47,32 @@ def main(argv: list[str]) -> int:
         e = json.loads(ev.read_text())
         print(f"| {name} | {e['gflops']:.4f} | {e['gflops_total']:.4f} | {e['mpjpe_mm']:.1f} | {e['p_mpjpe_mm']:.1f} | "
               f"{e['mpjve_mm']:.2f} | {e['frames']} | {e['clips_per_s']:.0f} | {e['epoch']} |")
+    print_seed_summary(runs)
     return 0
+
+
+def mean_sd(values: list[float], digits: int = 1) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def print_seed_summary(runs: dict[str, tuple[dict[int, dict[str, float]], Path]]) -> None:
+    """Per config (run name without its _s<seed>): eval metrics and training time as mean +- sd over seeds."""
+    groups: dict[str, list[tuple[dict[int, dict[str, float]], dict]]] = {}
+    for name, (hist, ev) in runs.items():
+        m = re.fullmatch(r"(.+)_s\d+", name)
+        if m and ev.is_file() and ev.read_text().strip():
+            groups.setdefault(m[1], []).append((hist, json.loads(ev.read_text())))
+    print()
+    print("| config | seeds | steps | MPJPE | P-MPJPE | MPJVE | train s (rank 0) |")
+    print("|---|---|---|---|---|---|---|")
+    for config, items in groups.items():
+        last = [hist[max(hist)] for hist, _ in items]
+        cols = [mean_sd([e[k] for _, e in items], 2 if k == "mpjve_mm" else 1)
+                for k in ("mpjpe_mm", "p_mpjpe_mm", "mpjve_mm")]
+        print(f"| {config} | {len(items)} | {last[0]['step']:.0f} | {' | '.join(cols)} | "
+              f"{mean_sd([r['train_time_s'] for r in last], 0)} |")
 
 
 if __name__ == "__main__":
