@@ -13,9 +13,9 @@ differences of a few mm are noise.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,19 +24,8 @@ from h2ot.config import load_config
 from h2ot.losses import pose_loss
 from h2ot.models import build_model
 from jobs.evaluation import evaluate, load_windows
-from jobs.train_loop import TRAIN_COLUMNS, flip_half, seed_everything
+from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, flip_half, seed_everything
 from pipelines.shards import read_split
-
-
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = max(1, steps // 9)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def main(argv: list[str]) -> int:
@@ -56,7 +45,8 @@ def main(argv: list[str]) -> int:
     test = load_windows(data_dir, "test", eval_windows)
     model = build_model(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    scheduler = cosine_with_warmup(optimizer, steps)
+    schedule = SimpleNamespace(lr_schedule="cosine", epochs=1, steps_per_epoch=steps, warmup_steps=max(1, steps // 9))
+    scheduler, _ = build_lr_scheduler(optimizer, schedule)  # the training loop's warm-up + cosine, stepped per step
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     start, loss_sum = time.time(), 0.0
     for step in range(1, steps + 1):
