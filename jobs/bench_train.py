@@ -25,15 +25,31 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mixste_small.yaml"
 
 
+def plain_step(model: Any, optimizer: Any, batch: dict[str, Any], cfg: Any, gen: Any) -> Any:
+    """One single-process training step on a batch of TRAIN_COLUMNS tensors: flip augmentation, the config's
+    weighted loss, gradient clipping, optimizer step. Returns the loss (detached)."""
+    import torch
+
+    from h2ot.losses import pose_loss
+    from jobs.evaluation import model_input
+    from jobs.train_loop import flip_half
+
+    x, y = flip_half(model_input(batch["pose_2d"], batch["conf_2d"], cfg.model.in_channels), batch["pose_3d"], gen)
+    loss, _ = pose_loss(model(x).pose_3d, y, batch["valid"], cfg.loss.tc_weight, cfg.loss.velocity_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads: int = 2) -> dict[str, float]:
     """Single-process PyTorch: AdamW on the weighted loss with flip augmentation, `threads` intra-op threads."""
     import numpy as np
     import torch
 
-    from h2ot.losses import pose_loss
     from h2ot.models import build_model
-    from jobs.evaluation import model_input
-    from jobs.train_loop import TRAIN_COLUMNS, flip_half, seed_everything
+    from jobs.train_loop import TRAIN_COLUMNS, seed_everything
     from pipelines.shards import read_split
 
     torch.set_num_threads(threads)
@@ -51,12 +67,7 @@ def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads:
         idx = np.sort(order[(step * bs) % (len(order) - bs):][:bs])
         batch = {k: torch.from_numpy(np.ascontiguousarray(data[k][idx])).float() for k in TRAIN_COLUMNS}
         t1 = time.perf_counter()
-        x, y = flip_half(model_input(batch["pose_2d"], batch["conf_2d"], cfg.model.in_channels), batch["pose_3d"], gen)
-        loss, _ = pose_loss(model(x).pose_3d, y, batch["valid"], cfg.loss.tc_weight, cfg.loss.velocity_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
+        plain_step(model, opt, batch, cfg, gen)
         t2 = time.perf_counter()
         if step >= warmup:
             wait, busy = wait + t1 - t0, busy + t2 - t1

@@ -3,8 +3,9 @@
 usage: python scripts/recipe_probe.py NAME [config=configs/mixste_small.yaml] [data=SHARDS] [steps=1200] [batch=8]
                                            [lr=2e-3] [seed=0] [every=300] [eval_windows=300] [MODEL_KEY=VALUE ...]
 
-One torch thread, clips drawn uniformly at random from the whole training split (no Ray), the config's loss and
-flip augmentation, AdamW (weight decay 0.1), linear warm-up over steps/9 then cosine to 0, gradient clipping 1.
+One torch thread, clips drawn uniformly at random from the whole training split (no Ray); the step of
+`h2ot bench-train`'s plain loop (the config's loss, flip augmentation and gradient clipping); AdamW with the
+config's weight decay; linear warm-up over steps/9 then cosine to 0.
 Every `every` steps: MPJPE / P-MPJPE on `eval_windows` evenly spaced test windows (test-time flip) and the
 seconds so far. Other KEY=VALUE pairs override model keys (e.g. schedule=[[1,9]] dim=96). This is how the batch
 size of the small configs was chosen (docs/RESULTS.md, "How this recipe was found"); one seed per line, so
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 
 from h2ot.config import load_config
-from h2ot.losses import pose_loss
 from h2ot.models import build_model
+from jobs.bench_train import plain_step
 from jobs.evaluation import evaluate, load_windows
-from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, flip_half, seed_everything
+from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything
 from pipelines.shards import read_split
 
 
@@ -44,28 +45,22 @@ def main(argv: list[str]) -> int:
     train = read_split(data_dir, "train", TRAIN_COLUMNS)
     test = load_windows(data_dir, "test", eval_windows)
     model = build_model(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.optim.weight_decay)
     schedule = SimpleNamespace(lr_schedule="cosine", epochs=1, steps_per_epoch=steps, warmup_steps=max(1, steps // 9))
     scheduler, _ = build_lr_scheduler(optimizer, schedule)  # the training loop's warm-up + cosine, stepped per step
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    start, loss_sum = time.time(), 0.0
+    start, losses = time.time(), []
     for step in range(1, steps + 1):
         idx = np.sort(rng.choice(len(train["valid"]), batch, replace=False))
-        x, y = flip_half(torch.from_numpy(train["pose_2d"][idx]), torch.from_numpy(train["pose_3d"][idx]), gen)
-        loss, _ = pose_loss(model(x).pose_3d, y, torch.from_numpy(train["valid"][idx]),
-                            cfg.loss.tc_weight, cfg.loss.velocity_weight)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clips = {k: torch.from_numpy(v[idx]).float() for k, v in train.items()}
+        losses.append(float(plain_step(model, optimizer, clips, cfg, gen)))
         scheduler.step()
-        loss_sum += float(loss.detach())
         if step % every == 0 or step == steps:
             acc, _ = evaluate(model, test, cfg.model.in_channels, 64, True)
             r = acc.result()
-            print(f"{name} step {step} loss {loss_sum / every:.3f} mpjpe {r['mpjpe_mm']:.1f} "
+            print(f"{name} step {step} loss {np.mean(losses):.3f} mpjpe {r['mpjpe_mm']:.1f} "
                   f"p_mpjpe {r['p_mpjpe_mm']:.1f} seconds {time.time() - start:.0f}", flush=True)
-            loss_sum = 0.0
+            losses = []
     return 0
 
 
