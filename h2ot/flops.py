@@ -90,14 +90,19 @@ def _trm_linear_macs(cfg: ModelConfig, stages: list[tuple[int, int]]) -> float:
     if not stages or cfg.seq2frame or cfg.trm != "cross_attention":
         return 0.0
     c, t, n_last = cfg.dim, cfg.frames, stages[-1][1]
-    return cfg.joints * (t * c * c + 2 * n_last * c * c + t * c * c)
+    return _tokens_per_frame(cfg) * (t * c * c + 2 * n_last * c * c + t * c * c)
+
+
+def _tokens_per_frame(cfg: ModelConfig) -> int:
+    """Tokens a frame is split into: J for the joint-token backbones, 1 for a frame-token one."""
+    return cost_terms(cfg).tokens_per_frame or cfg.joints
 
 
 def predicted_linear_flops(cfg: ModelConfig) -> int:
     """Analytic Linear-layer FLOPs (per clip, 2 x MACs) from the schedule's kept-token counts and the backbone's
     CostTerms: blocks (per joint token they see), embedding (all T frames), TRM, output layers (per output frame:
     T, or the centre frame of an eval-mode seq2frame model)."""
-    terms, j, t = cost_terms(cfg), cfg.joints, cfg.frames
+    terms, j, t = cost_terms(cfg), _tokens_per_frame(cfg), cfg.frames
     stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
     macs = sum(n * j * terms.block_linear_macs for n in tokens_per_block(stages, cfg.depth, t))
     macs += t * j * terms.input_linear_macs
@@ -111,7 +116,7 @@ def predicted_total_flops(cfg: ModelConfig) -> int:
     """Analytic total FLOPs: the Linear count plus the attention products (QK^T and AV, 2 x 2 L^2 C per
     sequence) of every attention of every block and of the cross-attention TRM, plus the TPMs' scoring (by hand
     and the matmuls the counter sees)."""
-    terms, c, j, t = cost_terms(cfg), cfg.dim, cfg.joints, cfg.frames
+    terms, c, j, t = cost_terms(cfg), cfg.dim, _tokens_per_frame(cfg), cfg.frames
     stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
     attn = 0
     for n in tokens_per_block(stages, cfg.depth, t):

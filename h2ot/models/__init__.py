@@ -2,6 +2,7 @@
 
 from h2ot.models import (
     dstformer,  # noqa: F401  (registers "dstformer")
+    frameformer,  # noqa: F401  (registers "frameformer")
     mixste,  # noqa: F401  (registers "mixste")
     mlp,  # noqa: F401  (registers "mlp")
 )

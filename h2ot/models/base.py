@@ -35,6 +35,8 @@ class CostTerms:
         T' frames of a joint (their products QK^T and AV are not Linear layers: the total convention counts them).
     input_linear_macs: Linear MACs per joint token of all T input frames before the first block (embedding).
     output_linear_macs: Linear MACs per joint token of each output frame (head, pre-logits), after the TRM.
+    tokens_per_frame: tokens a frame is split into; None: one per joint (J). A frame-token backbone says 1, and
+        its terms are then per frame token.
     """
 
     block_linear_macs: float
@@ -42,6 +44,7 @@ class CostTerms:
     temporal_attentions: int
     input_linear_macs: float
     output_linear_macs: float
+    tokens_per_frame: int | None = None
 
 
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
