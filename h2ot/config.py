@@ -40,7 +40,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                       rep_dim=512, schedule=[[1, 81], [3, 41]]),
     # Frame tokens (h2ot/models/frameformer.py): 27 frames, 3 blocks, 256 wide; the CPU result's schedule.
     "frameformer_small": dict(backbone="frameformer", frames=27, dim=256, depth=3, heads=8, mlp_ratio=2.0,
-                              schedule=[[1, 13], [2, 9]]),
+                              schedule=[[1, 13], [2, 9]], trm="linear"),
     "dstformer_small": dict(backbone="dstformer", frames=81, in_channels=3, dim=64, depth=3, heads=4,
                             mlp_ratio=2.0, rep_dim=64, schedule=[[1, 27], [2, 14]]),
 }

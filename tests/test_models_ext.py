@@ -271,9 +271,11 @@ def test_frameformer_mixes_frames_and_prunes_frame_tokens() -> None:
             change = (model(moved).pose_3d - model(x).pose_3d).abs().amax(dim=(0, 2, 3))
         assert change[0] > 0
         assert bool((change[1:] > 1e-6).all()) is reaches_others, backbone
-    cfg = preset("frameformer_small")
+    cfg = preset("frameformer_small")  # [[1, 13], [2, 9]], linear TRM (no parameters, no Linear FLOPs)
     out = build_model(cfg)(torch.randn(2, 27, 17, 2))
     assert out.pose_3d.shape == (2, 27, 17, 3) and [k.shape for k in out.kept_indices] == [(2, 13), (2, 9)]
     block = 4 * 256 * 256 + 2 * 256 * 512
-    by_hand = 27 * 34 * 256 + (27 + 13 + 9) * block + (27 + 2 * 9 + 27) * 256 * 256 + 27 * 256 * 51
+    by_hand = 27 * 34 * 256 + (27 + 13 + 9) * block + 27 * 256 * 51
     assert predicted_linear_flops(cfg) == 2 * by_hand
+    cross = preset("frameformer_small", trm="cross_attention")  # + T queries, n keys and values, T outputs: C^2
+    assert predicted_linear_flops(cross) == 2 * (by_hand + (27 + 2 * 9 + 27) * 256 * 256)
