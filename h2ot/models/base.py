@@ -47,6 +47,17 @@ class CostTerms:
     tokens_per_frame: int | None = None
 
 
+def block_linear_macs(cfg: ModelConfig) -> int:
+    """Linear MACs per token of one pre-norm transformer block (h2ot.layers.Block): 4 C^2 (qkv, proj) + 2 C hidden
+    (MLP)."""
+    return 4 * cfg.dim * cfg.dim + 2 * cfg.dim * int(cfg.dim * cfg.mlp_ratio)
+
+
+def drop_path_rates(cfg: ModelConfig) -> list[float]:
+    """Stochastic depth rising linearly to cfg.drop_path over the cfg.depth blocks."""
+    return torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+
+
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
 
 
@@ -113,10 +124,6 @@ class JointTokenBackbone(nn.Module):
         self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.frames, 1, cfg.dim))
         nn.init.trunc_normal_(self.spatial_pos, std=0.02)
         nn.init.trunc_normal_(self.temporal_pos, std=0.02)
-
-    def drop_path_rates(self) -> list[float]:
-        """Stochastic depth rising linearly to cfg.drop_path over the blocks."""
-        return torch.linspace(0, self.cfg.drop_path, self.cfg.depth).tolist()
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, J, in_channels] -> [B, T, J, C]."""

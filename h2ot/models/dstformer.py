@@ -17,7 +17,14 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
 from h2ot.layers import Block, from_temporal, init_transformer_weights, spatial_tokens, temporal_tokens
-from h2ot.models.base import CostTerms, JointTokenBackbone, PoseOutput, register_model
+from h2ot.models.base import (
+    CostTerms,
+    JointTokenBackbone,
+    PoseOutput,
+    block_linear_macs,
+    drop_path_rates,
+    register_model,
+)
 
 
 class DualStreamBlock(nn.Module):
@@ -55,7 +62,7 @@ class DSTformer(JointTokenBackbone):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         dim = cfg.dim
-        drop = self.drop_path_rates()
+        drop = drop_path_rates(cfg)
         self.blocks = nn.ModuleList(
             DualStreamBlock(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
         )
@@ -75,7 +82,7 @@ class DSTformer(JointTokenBackbone):
         """Per block two streams of a spatial and a temporal sub-block (4 C^2 + 2 C hidden MACs per token each)
         and the fusion Linear(2C, 2); the output runs pre-logits (C x rep_dim) and head per output token."""
         c, rep = cfg.dim, cfg.rep_dim
-        sub_block = 4 * c * c + 2 * c * int(c * cfg.mlp_ratio)
+        sub_block = block_linear_macs(cfg)
         return CostTerms(
             block_linear_macs=4 * sub_block + 2 * c * 2, spatial_attentions=2, temporal_attentions=2,
             input_linear_macs=cfg.in_channels * c, output_linear_macs=c * rep + 3 * rep if rep > 0 else 3 * c,

@@ -21,7 +21,14 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
 from h2ot.layers import Block
-from h2ot.models.base import CostTerms, PoseOutput, prepare_input, register_model
+from h2ot.models.base import (
+    CostTerms,
+    PoseOutput,
+    block_linear_macs,
+    drop_path_rates,
+    prepare_input,
+    register_model,
+)
 
 
 @register_model("frameformer")
@@ -33,7 +40,7 @@ class FrameFormer(nn.Module):
         self.embed = nn.Linear(cfg.joints * cfg.in_channels, dim)
         self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.frames, 1, dim))
         nn.init.trunc_normal_(self.temporal_pos, std=0.02)
-        drop = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        drop = drop_path_rates(cfg)
         self.blocks = nn.ModuleList(
             Block(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
         )
@@ -44,9 +51,8 @@ class FrameFormer(nn.Module):
     @classmethod
     def cost_terms(cls, cfg: ModelConfig) -> CostTerms:
         """Per frame token and block 4 C^2 (qkv, proj) + 2 C hidden (MLP) MACs; embedding J C_in C, head C J 3."""
-        block = 4 * cfg.dim * cfg.dim + 2 * cfg.dim * int(cfg.dim * cfg.mlp_ratio)
         return CostTerms(
-            block_linear_macs=block, spatial_attentions=0, temporal_attentions=1,
+            block_linear_macs=block_linear_macs(cfg), spatial_attentions=0, temporal_attentions=1,
             input_linear_macs=cfg.joints * cfg.in_channels * cfg.dim, output_linear_macs=cfg.dim * cfg.joints * 3,
             tokens_per_frame=1,
         )

@@ -13,7 +13,14 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.hourglass import Hourglass
 from h2ot.layers import Block, from_temporal, init_transformer_weights, spatial_tokens, temporal_tokens
-from h2ot.models.base import CostTerms, JointTokenBackbone, PoseOutput, register_model
+from h2ot.models.base import (
+    CostTerms,
+    JointTokenBackbone,
+    PoseOutput,
+    block_linear_macs,
+    drop_path_rates,
+    register_model,
+)
 
 
 @register_model("mixste")
@@ -21,7 +28,7 @@ class MixSTE(JointTokenBackbone):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         dim = cfg.dim
-        drop = self.drop_path_rates()
+        drop = drop_path_rates(cfg)
         self.spatial_blocks = nn.ModuleList(
             Block(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, drop[i]) for i in range(cfg.depth)
         )
@@ -36,9 +43,8 @@ class MixSTE(JointTokenBackbone):
     @classmethod
     def cost_terms(cls, cfg: ModelConfig) -> CostTerms:
         """Per loop one spatial and one temporal block, each 4 C^2 (qkv, proj) + 2 C hidden (MLP) MACs per token."""
-        block = 4 * cfg.dim * cfg.dim + 2 * cfg.dim * int(cfg.dim * cfg.mlp_ratio)
         return CostTerms(
-            block_linear_macs=2 * block, spatial_attentions=1, temporal_attentions=1,
+            block_linear_macs=2 * block_linear_macs(cfg), spatial_attentions=1, temporal_attentions=1,
             input_linear_macs=cfg.in_channels * cfg.dim, output_linear_macs=3 * cfg.dim,
         )
 
