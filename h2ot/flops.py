@@ -62,11 +62,11 @@ def _pruning_terms(cfg: ModelConfig) -> tuple[int, int]:
         return 0, 0
     if cfg.tpm not in TPM_REGISTRY:
         raise ConfigError(f"model.tpm: unknown pruning strategy {cfg.tpm!r}; known: {sorted(TPM_REGISTRY)}")
-    strategy, temporal = TPM_REGISTRY[cfg.tpm], cost_terms(cfg).temporal_attentions
+    strategy, temporal, tokens = TPM_REGISTRY[cfg.tpm], cost_terms(cfg).temporal_attentions, _tokens_per_frame(cfg)
     hand = counted = 0
     current = cfg.frames
     for block, n in stages:
-        h, c = strategy.scoring_flops(cfg, current, block, temporal)
+        h, c = strategy.scoring_flops(cfg, current, block, temporal, tokens)
         hand, counted, current = hand + h, counted + c, n
     return hand, counted
 

@@ -48,10 +48,13 @@ class TokenPruner(nn.Module):
         self.cfg = cfg
 
     @classmethod
-    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
-        """FLOPs of scoring t frame tokens at a stage before `block`, for a backbone whose blocks hold
-        `temporal_attentions` temporal attentions: (by hand: what torch's FlopCounterMode does not see, such as
-        cdist and elementwise work; counted: the matmuls it does see)."""
+    def scoring_flops(
+        cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int, tokens_per_frame: int
+    ) -> tuple[int, int]:
+        """FLOPs of scoring t frames at a stage before `block`, for a backbone whose blocks hold
+        `temporal_attentions` temporal attentions and split a frame into `tokens_per_frame` tokens (J, or 1):
+        (by hand: what torch's FlopCounterMode does not see, such as cdist and elementwise work; counted: the
+        matmuls it does see)."""
         return 0, 0
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
@@ -108,9 +111,11 @@ class DpcKnnPruner(TokenPruner):
         return density * delta
 
     @classmethod
-    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+    def scoring_flops(
+        cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int, tokens_per_frame: int
+    ) -> tuple[int, int]:
         # frame mean (T'JC), pairwise distances (3 T'^2 C) and the density / delta terms (~4 T'^2).
-        return t * cfg.joints * cfg.dim + 3 * t * t * cfg.dim + 4 * t * t, 0
+        return t * tokens_per_frame * cfg.dim + 3 * t * t * cfg.dim + 4 * t * t, 0
 
 
 @register_tpm("uniform")
@@ -138,9 +143,11 @@ class MotionPruner(TokenPruner):
         return torch.cat([step[:, :1], step], dim=1)
 
     @classmethod
-    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+    def scoring_flops(
+        cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int, tokens_per_frame: int
+    ) -> tuple[int, int]:
         # frame mean (T'JC), differences, squares and sums (3 T'C)
-        return t * cfg.joints * cfg.dim + 3 * t * cfg.dim, 0
+        return t * tokens_per_frame * cfg.dim + 3 * t * cfg.dim, 0
 
 
 @register_tpm("attention")
@@ -167,13 +174,15 @@ class AttentionPruner(TokenPruner):
         return weights.sum(dim=1)
 
     @classmethod
-    def scoring_flops(cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int) -> tuple[int, int]:
+    def scoring_flops(
+        cls, cfg: ModelConfig, t: int, block: int, temporal_attentions: int, tokens_per_frame: int
+    ) -> tuple[int, int]:
         if block > 0 and temporal_attentions > 0:
             # column sums of the recorded weights (heads x queries per key) of every temporal attention of the
             # block before, then the sum over the joints; the attention products themselves are the block's own.
-            return temporal_attentions * cfg.joints * cfg.heads * t * t + cfg.joints * t, 0
+            return temporal_attentions * tokens_per_frame * cfg.heads * t * t + tokens_per_frame * t, 0
         # fallback: frame mean and column sums by hand; f f^T is a matmul the counter sees.
-        return t * cfg.joints * cfg.dim + t * t, 2 * t * t * cfg.dim
+        return t * tokens_per_frame * cfg.dim + t * t, 2 * t * t * cfg.dim
 
 
 @register_tpm("random")
