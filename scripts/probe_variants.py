@@ -12,6 +12,10 @@ are kept so the probe table can be reproduced. Variants:
   zeroproj   every attention's output projection zero-initialised (each block starts as its MLP alone)
   mlpt       the per-frame MLP floor with a temporal attention (pre-norm, residual) before each residual block
              (use with config=configs/mlp_small.yaml; combine with zeroproj)
+  mlptail    the per-frame MLP floor followed by one pre-norm transformer block over its T frame features (with a
+             temporal position code) before the head (use with config=configs/mlp_small.yaml)
+  convK      frame-token and MLP models: the per-frame embedding Linear becomes a temporal Conv1d of kernel K
+             (replicate padding), so every token starts with its K-frame neighbourhood, e.g. conv5
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import recipe_probe  # noqa: E402
 
-from h2ot.layers import Attention, init_transformer_weights  # noqa: E402
+from h2ot.layers import Attention, Block, init_transformer_weights  # noqa: E402
 from h2ot.models import build_model  # noqa: E402
 from h2ot.models.base import PoseOutput, prepare_input  # noqa: E402
 from h2ot.models.mlp import MLPLifter  # noqa: E402
@@ -56,6 +60,17 @@ class PerJointEmbedding(nn.Module):
         return torch.einsum("btjc,jcd->btjd", x, self.weight) + self.bias
 
 
+class TemporalConvEmbedding(nn.Module):
+    """[B, T, J*C_in] -> [B, T, dim]: a Conv1d over time in place of the per-frame Linear."""
+
+    def __init__(self, in_features: int, dim: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv1d(in_features, dim, kernel, padding=kernel // 2, padding_mode="replicate")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
 class TemporalMLP(MLPLifter):
     """The MLP floor with a temporal attention over the T frames before each residual block."""
 
@@ -74,9 +89,27 @@ class TemporalMLP(MLPLifter):
         return PoseOutput(self.head(h).reshape(b, t, j, 3), [], torch.arange(t).expand(b, t))
 
 
+class MLPTail(MLPLifter):
+    """The MLP floor's per-frame trunk, then one transformer block over the T frames, then the head."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.pos = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, cfg.frames, cfg.dim), std=0.02))
+        self.tail = Block(cfg.dim, 8, 2.0)
+
+    def forward(self, x: torch.Tensor) -> PoseOutput:
+        x = prepare_input(x, self.cfg)
+        b, t, j, _ = x.shape
+        h = self.tail(self.blocks(self.embed(x.flatten(2))) + self.pos)
+        return PoseOutput(self.head(h).reshape(b, t, j, 3), [], torch.arange(t).expand(b, t))
+
+
 def patched_build(cfg) -> nn.Module:
     variants = set(filter(None, os.environ.get("VARIANT", "").split("+")))
-    model = TemporalMLP(cfg) if "mlpt" in variants else build_model(cfg)
+    model = TemporalMLP(cfg) if "mlpt" in variants else MLPTail(cfg) if "mlptail" in variants else build_model(cfg)
+    for v in variants:
+        if v.startswith("conv"):
+            model.embed = TemporalConvEmbedding(model.embed.in_features, model.embed.out_features, int(v[4:]))
     if "vitinit" in variants:
         model.apply(init_transformer_weights)
     if "definit" in variants:
