@@ -1,0 +1,68 @@
+"""Does a trained model use its temporal context? Two measures behind docs/RESULTS.md ("Why the floor wins").
+
+usage: python scripts/context_probe.py positions DATA MODEL.pt [MODEL.pt ...]
+       python scripts/context_probe.py kept DATA MODEL.pt
+
+positions: MPJPE (mm, valid frames, test-time flip) per position in the window, on 2 216 evenly spaced test
+           windows. A model that uses its neighbours is worse at the window's edges (context on one side only);
+           a flat profile is a per-frame lift.
+kept:      for an H2OT model on shards with dropped joints (`h2ot preprocess --dropout`, confidence 0 at an
+           outlier position): how often the frames each TPM stage keeps hold an outlier joint, against all frames.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from h2ot.checkpoint import load_checkpoint
+from h2ot.models import predict
+from jobs.evaluation import load_windows
+
+
+def position_errors(model: torch.nn.Module, data: dict[str, np.ndarray], batch: int = 128) -> np.ndarray:
+    """[N, T] per-frame MPJPE in mm, NaN on padded frames."""
+    errors = []
+    with torch.no_grad():
+        for i in range(0, len(data["valid"]), batch):
+            pred = predict(model, torch.from_numpy(data["pose_2d"][i : i + batch]), test_flip=True).pose_3d
+            err = (pred - torch.from_numpy(data["pose_3d"][i : i + batch])).norm(dim=-1).mean(-1) * 1000
+            err[~torch.from_numpy(data["valid"][i : i + batch]).bool()] = float("nan")
+            errors.append(err.numpy())
+    return np.concatenate(errors)
+
+
+def kept_outliers(model: torch.nn.Module, data: dict[str, np.ndarray]) -> None:
+    has_outlier = (data["conf_2d"] == 0).any(-1)  # [N, T]
+    with torch.no_grad():
+        kept = model(torch.from_numpy(data["pose_2d"])).kept_indices
+    if not kept:
+        raise SystemExit("the model prunes no tokens (empty schedule)")
+    for stage, idx in enumerate(kept):
+        share = np.take_along_axis(has_outlier, idx.numpy(), axis=1).mean()
+        print(f"stage {stage}: {idx.shape[1]} frames kept; frames with an outlier joint: "
+              f"{share:.3f} of the kept, {has_outlier.mean():.3f} of all")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[0] not in ("positions", "kept"):
+        print(__doc__)
+        return 2
+    torch.set_num_threads(2)
+    data = load_windows(argv[1], "test", 2216)
+    for path in argv[2:]:
+        model, _ = load_checkpoint(path)
+        model.eval()
+        if argv[0] == "kept":
+            kept_outliers(model, data)
+            continue
+        err = position_errors(model, data)
+        profile = " ".join(f"{e:.0f}" for e in np.nanmean(err, axis=0))
+        print(f"{path}: all {np.nanmean(err):.1f} mm; by position {profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
