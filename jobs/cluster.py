@@ -112,6 +112,11 @@ class ClusterState:
         """Environment a client on this host needs to talk to the cluster (token auth)."""
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers for an in-process `JobSubmissionClient`. Ray reads its auth mode once per process, so
+        setting `client_env()` after an earlier `ray.init()` (say, with auth disabled) is not enough."""
+        return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"} if self.token_path else {}
+
 
 def state_path(state_dir: Path) -> Path:
     return Path(state_dir) / STATE_FILE

@@ -102,7 +102,8 @@ def trained(running):
     from ray.job_submission import JobSubmissionClient
 
     state, work = running
-    client = JobSubmissionClient(state.dashboard_url)
+    # explicit token: an earlier test module of this process may have fixed Ray's auth mode to "disabled"
+    client = JobSubmissionClient(state.dashboard_url, headers=state.auth_headers())
     data, out = work / "data", work / "train"
     _submit_and_wait(
         client,
@@ -120,12 +121,18 @@ def trained(running):
 
 
 def test_jobs_succeed_with_train_workers_on_both_nodes(trained) -> None:
-    from ray.util.state import list_actors, list_nodes
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
     state, work = trained
-    nodes = {n.node_id: n.node_ip for n in list_nodes(address=state.dashboard_url)}
+    api = StateApiClient(address=state.dashboard_url, headers=state.auth_headers())  # explicit token, as above
+
+    def listed(resource, **options):
+        return api.list(resource, options=ListApiOptions(**options), raise_on_missing_output=True)
+
+    nodes = {n.node_id: n.node_ip for n in listed(StateResource.NODES)}
     assert sorted(nodes.values()) == sorted(n.ip for n in state.nodes)
-    workers = list_actors(address=state.dashboard_url, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    workers = listed(StateResource.ACTORS, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
     assert len(workers) >= 2
     ips = {nodes[w.node_id] for w in workers}
     assert ips == {state.head.ip, state.nodes[1].ip}, f"train workers ran on {ips} only"

@@ -146,6 +146,14 @@ def test_describe_prints_addresses_and_commands(tmp_path: Path) -> None:
     assert "RAY_AUTH_MODE=token" in env and "RAY_ADDRESS=http://10.213.7.2:2" in env
 
 
+def test_auth_headers_carry_the_cluster_token(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    assert state.auth_headers() == {}  # no token: auth off
+    (tmp_path / "t").write_text("abc123\n")
+    state.token_path = str(tmp_path / "t")
+    assert state.auth_headers() == {"Authorization": "Bearer abc123"}
+
+
 def test_cli_lists_cluster() -> None:
     from jobs.cli import SUBCOMMANDS
 

@@ -150,9 +150,7 @@ def main() -> int:
         )
         say(f"cluster {state.id} up: {[n.ip for n in state.nodes]}")
         os.environ.update(state.client_env())
-        # Ray may have cached its auth mode before the env changed: send the cluster's token explicitly.
-        token = Path(state.token_path).read_text().strip()
-        client = JobSubmissionClient(state.dashboard_url, headers={"Authorization": f"Bearer {token}"})
+        client = JobSubmissionClient(state.dashboard_url, headers=state.auth_headers())
         info = wait(
             client,
             submit(
