@@ -1,8 +1,9 @@
 """`h2ot bench --json [--small] [--model mixste|dstformer]`: full vs the HoT point vs the default H2OT schedule.
 
 FLOPs in both conventions (linear = the papers', total = FlopCounterMode + pruning by hand) and clips/s,
-measured in one process on batch 1: interleaved repetitions (full, hot, h2ot, full, ...), warm-up excluded,
-medians. Targets are printed as ratios; nothing here is a timed assertion.
+measured in one process on batch 1 (`--batch N`: N clips a forward, as in offline video or `h2ot eval`):
+interleaved repetitions (full, hot, h2ot, full, ...), warm-up excluded, medians. Targets are printed as ratios;
+nothing here is a timed assertion.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _variants(preset: str) -> dict:
     }
 
 
-def run_bench(preset: str, repeats: int, warmup: int, threads: int | None) -> dict:
+def run_bench(preset: str, repeats: int, warmup: int, threads: int | None, batch: int = 1) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -48,7 +49,7 @@ def run_bench(preset: str, repeats: int, warmup: int, threads: int | None) -> di
     cfgs = _variants(preset)
     models = {name: build_model(cfg).eval() for name, cfg in cfgs.items()}
     flops = {name: model_gflops(models[name], cfgs[name]) for name in models}
-    x = torch.randn(1, cfgs["full"].frames, cfgs["full"].joints, cfgs["full"].in_channels)
+    x = torch.randn(batch, cfgs["full"].frames, cfgs["full"].joints, cfgs["full"].in_channels)
     times: dict[str, list[float]] = {name: [] for name in models}
     progress = tqdm(total=warmup + repeats, desc=f"bench {preset}", unit="rep", file=sys.stderr)
     with torch.inference_mode(), progress:
@@ -59,8 +60,8 @@ def run_bench(preset: str, repeats: int, warmup: int, threads: int | None) -> di
                 if rep >= warmup:
                     times[name].append(time.perf_counter() - start)
             progress.update(1)
-    cps = {name: 1.0 / statistics.median(t) for name, t in times.items()}
-    out = {"model": preset, "frames": cfgs["full"].frames, "hot_schedule": cfgs["hot"].schedule,
+    cps = {name: batch / statistics.median(t) for name, t in times.items()}
+    out = {"model": preset, "frames": cfgs["full"].frames, "batch": batch, "hot_schedule": cfgs["hot"].schedule,
            "h2ot_schedule": cfgs["h2ot"].schedule}
     for name in models:
         out[f"{name}_gflops"] = round(flops[name]["gflops_total"], 3)
@@ -92,10 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per model")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--batch", type=int, default=1, help="clips per forward (default 1: one video, online)")
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
     preset = args.preset or (f"{args.model}_small" if args.small else args.model)
     repeats = args.repeats or (5 if preset in MODELS else 20)
-    result = run_bench(preset, repeats, args.warmup, args.threads)
+    result = run_bench(preset, repeats, args.warmup, args.threads, args.batch)
     if args.json:
         print(json.dumps(result))
     else:
