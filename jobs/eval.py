@@ -59,7 +59,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         "data": str(data_dir),
         "checkpoint": str(checkpoint),
         "model": {"backbone": mcfg.backbone, "frames": mcfg.frames, "dim": mcfg.dim, "depth": mcfg.depth,
-                  "schedule": mcfg.schedule},
+                  "schedule": mcfg.schedule, **({"tpm": mcfg.tpm, "trm": mcfg.trm} if mcfg.schedule else {})},
         "manifest_hash": meta.get("manifest_hash"),
         "same_data_as_training": meta.get("manifest_hash") == manifest.get("content_hash"),
         "git_rev": meta.get("git_rev"),

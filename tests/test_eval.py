@@ -70,6 +70,17 @@ def test_eval_matches_hand_computed_mpjpe_and_is_repeatable(tmp_path, shards, ca
     assert no_flip["mpjpe_mm"] == pytest.approx(plain, rel=1e-5)
 
 
+def test_eval_names_the_pruning_of_an_h2ot_checkpoint(tmp_path, shards, capsys) -> None:
+    cfg = ModelConfig(backbone="frameformer", frames=FRAMES, dim=16, depth=2, heads=2, schedule=[[1, 3]],
+                      trm="linear", tpm="uniform")
+    save_checkpoint(tmp_path / "h2ot.pt", build_model(cfg), cfg, {"manifest_hash": "test"})
+    model = run_eval(capsys, "--checkpoint", str(tmp_path / "h2ot.pt"), "--data", str(shards), "--json")["model"]
+    assert model["schedule"] == [[1, 3]] and model["tpm"] == "uniform" and model["trm"] == "linear"
+    constant_pose_checkpoint(tmp_path / "model.pt")
+    full = run_eval(capsys, "--checkpoint", str(tmp_path / "model.pt"), "--data", str(shards), "--json")["model"]
+    assert "trm" not in full  # a full model prunes nothing
+
+
 def test_eval_window_length_mismatch_is_a_clear_error(tmp_path, capsys) -> None:
     other = write_tiny_shards(tmp_path / "f9", frames=9, n_train=4, n_test=4, files_per_split=1)
     constant_pose_checkpoint(tmp_path / "model.pt")
