@@ -113,8 +113,9 @@ class ClusterState:
         return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
 
     def auth_headers(self) -> dict[str, str]:
-        """HTTP headers for an in-process `JobSubmissionClient`. Ray reads its auth mode once per process, so
-        setting `client_env()` after an earlier `ray.init()` (say, with auth disabled) is not enough."""
+        """HTTP headers that carry the cluster's token: for this module's own requests and for in-process Ray
+        clients (`JobSubmissionClient`, `StateApiClient`). Ray reads its auth mode once per process, so setting
+        `client_env()` after an earlier `ray.init()` (say, with auth disabled) is not enough."""
         return {"Authorization": f"Bearer {Path(self.token_path).read_text().strip()}"} if self.token_path else {}
 
 
@@ -360,17 +361,15 @@ def _ray_cmd(state: ClusterState, node: NodeState, head: bool) -> list[str]:
     return cmd
 
 
-def _http_get(url: str, token_path: str | None = None, timeout: float = 3.0) -> bytes:
-    req = urllib.request.Request(url)
-    if token_path:
-        req.add_header("Authorization", f"Bearer {Path(token_path).read_text().strip()}")
+def _http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 3.0) -> bytes:
+    req = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (our own http:// addresses)
         return resp.read()
 
 
 def alive_nodes(state: ClusterState) -> list[dict[str, Any]]:
     """Alive Ray nodes as the head's dashboard reports them (`node_ip`, `node_id`, `is_head`)."""
-    raw = _http_get(f"{state.dashboard_url}/nodes?view=summary", state.token_path)
+    raw = _http_get(f"{state.dashboard_url}/nodes?view=summary", state.auth_headers())
     summary = json.loads(raw).get("data", {}).get("summary", [])
     out = []
     for node in summary:
@@ -503,7 +502,7 @@ def up(
         start_node(state, state.head, head=True)
         _wait(
             "the Ray head",
-            lambda: _http_get(f"{state.dashboard_url}/api/version", state.token_path),
+            lambda: _http_get(f"{state.dashboard_url}/api/version", state.auth_headers()),
             timeout_s,
             state,
             state.head.log,
