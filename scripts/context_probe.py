@@ -18,26 +18,36 @@ import numpy as np
 import torch
 
 from h2ot.checkpoint import load_checkpoint
+from h2ot.config import config_from_dict
+from h2ot.metrics import M_TO_MM, per_frame_error_m
 from h2ot.models import predict
-from jobs.evaluation import load_windows
+from jobs.evaluation import load_windows, model_input
 
 
-def position_errors(model: torch.nn.Module, data: dict[str, np.ndarray], batch: int = 128) -> np.ndarray:
+def inputs(data: dict[str, np.ndarray], in_channels: int, rows: slice = slice(None)) -> torch.Tensor:
+    """The model's input for windows `rows`, with the confidence channel when the model takes one."""
+    conf = torch.from_numpy(data["conf_2d"][rows]) if in_channels == 3 else None
+    return model_input(torch.from_numpy(data["pose_2d"][rows]), conf, in_channels)
+
+
+def position_errors(model: torch.nn.Module, data: dict[str, np.ndarray], in_channels: int,
+                    batch: int = 128) -> np.ndarray:
     """[N, T] per-frame MPJPE in mm, NaN on padded frames."""
     errors = []
     with torch.no_grad():
         for i in range(0, len(data["valid"]), batch):
-            pred = predict(model, torch.from_numpy(data["pose_2d"][i : i + batch]), test_flip=True).pose_3d
-            err = (pred - torch.from_numpy(data["pose_3d"][i : i + batch])).norm(dim=-1).mean(-1) * 1000
-            err[~torch.from_numpy(data["valid"][i : i + batch]).bool()] = float("nan")
+            rows = slice(i, i + batch)
+            pred = predict(model, inputs(data, in_channels, rows), test_flip=True).pose_3d
+            err = per_frame_error_m(pred, torch.from_numpy(data["pose_3d"][rows])) * M_TO_MM
+            err[~torch.from_numpy(data["valid"][rows]).bool()] = float("nan")
             errors.append(err.numpy())
     return np.concatenate(errors)
 
 
-def kept_outliers(model: torch.nn.Module, data: dict[str, np.ndarray]) -> None:
+def kept_outliers(model: torch.nn.Module, data: dict[str, np.ndarray], in_channels: int) -> None:
     has_outlier = (data["conf_2d"] == 0).any(-1)  # [N, T]
     with torch.no_grad():
-        kept = model(torch.from_numpy(data["pose_2d"])).kept_indices
+        kept = model(inputs(data, in_channels)).kept_indices
     if not kept:
         raise SystemExit("the model prunes no tokens (empty schedule)")
     for stage, idx in enumerate(kept):
@@ -53,12 +63,13 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     data = load_windows(argv[1], "test", 2216)
     for path in argv[2:]:
-        model, _ = load_checkpoint(path)
+        model, payload = load_checkpoint(path)
         model.eval()
+        in_channels = config_from_dict({"kind": "model", "model": payload["model_config"]}).model.in_channels
         if argv[0] == "kept":
-            kept_outliers(model, data)
+            kept_outliers(model, data, in_channels)
             continue
-        err = position_errors(model, data)
+        err = position_errors(model, data, in_channels)
         profile = " ".join(f"{e:.0f}" for e in np.nanmean(err, axis=0))
         print(f"{path}: all {np.nanmean(err):.1f} mm; by position {profile}")
     return 0
