@@ -16,7 +16,7 @@ def preset(name: str, **kw) -> ModelConfig:
 
 
 def test_paper_size_mixste_matches_the_papers_linear_count() -> None:
-    # METHOD.md: MixSTE 277.2 GFLOPs (Linear only), HoT-MixSTE 167.5.
+    # The HoT paper counts Linear layers only: MixSTE 277.2 GFLOPs, HoT-MixSTE 167.5 (243 frames).
     full = model_gflops(build_model(preset("mixste", schedule=[])), preset("mixste", schedule=[]))
     hot_cfg = preset("mixste", schedule=[[3, 81]])
     hot = model_gflops(build_model(hot_cfg), hot_cfg)

@@ -1,0 +1,26 @@
+"""`h2ot bench`: the HoT and H2OT schedules it compares, and clips per second at a given batch size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_bench_compares_hot_at_block_1_for_dstformer() -> None:
+    from jobs.bench import _variants
+
+    variants = _variants("dstformer")
+    assert variants["hot"].schedule == [[1, 81]] and variants["h2ot"].schedule == [[1, 81], [3, 41]]
+    assert _variants("mixste")["hot"].schedule == [[3, 81]]
+
+
+def test_bench_counts_clips_per_second_per_batch(capsys) -> None:
+    from jobs.bench import main
+
+    assert main(["--preset", "frameformer_small", "--batch", "4", "--repeats", "2", "--threads", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["batch"] == 4 and out["h2ot_schedule"] == [[1, 13], [2, 9]]
+    assert out["full_clips_per_s"] > 0 and out["flops_ratio_linear"] < 1
+    with pytest.raises(SystemExit):
+        main(["--batch", "0"])
