@@ -1,17 +1,18 @@
-"""Does a trained model use its temporal context? Two measures behind docs/RESULTS.md ("Why the floor wins").
+"""Does a trained model use its temporal context? Two measures on the test split of a shard folder.
 
-usage: python scripts/context_probe.py positions DATA MODEL.pt [MODEL.pt ...]
-       python scripts/context_probe.py kept DATA MODEL.pt
+usage: python scripts/context_probe.py positions --data SHARDS MODEL.pt [MODEL.pt ...] [--max-windows 2216]
+       python scripts/context_probe.py kept --data SHARDS MODEL.pt [MODEL.pt ...] [--max-windows 2216]
 
-positions: MPJPE (mm, valid frames, test-time flip) per position in the window, on 2 216 evenly spaced test
-           windows. A model that uses its neighbours is worse at the window's edges (context on one side only);
-           a flat profile is a per-frame lift.
+positions: MPJPE (mm, valid frames, test-time flip) per position in the window, on `--max-windows` evenly spaced
+           test windows. A model that uses its neighbours is worse at the window's edges (context on one side
+           only); a flat profile is a per-frame lift.
 kept:      for an H2OT model on shards with dropped joints (`h2ot preprocess --dropout`, confidence 0 at an
            outlier position): how often the frames each TPM stage keeps hold an outlier joint, against all frames.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import numpy as np
@@ -45,6 +46,7 @@ def position_errors(model: torch.nn.Module, data: dict[str, np.ndarray], in_chan
 
 
 def kept_outliers(model: torch.nn.Module, data: dict[str, np.ndarray], in_channels: int) -> None:
+    """Print, per TPM stage, the share of kept frames holding an outlier joint against the share of all frames."""
     has_outlier = (data["conf_2d"] == 0).any(-1)  # [N, T]
     with torch.no_grad():
         kept = model(inputs(data, in_channels)).kept_indices
@@ -56,17 +58,28 @@ def kept_outliers(model: torch.nn.Module, data: dict[str, np.ndarray], in_channe
               f"{share:.3f} of the kept, {has_outlier.mean():.3f} of all")
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("measure", choices=["positions", "kept"])
+    p.add_argument("checkpoints", nargs="+", metavar="MODEL.pt", help="model.pt of `h2ot train`")
+    p.add_argument("--data", required=True, help="shard folder of `h2ot preprocess` (its test split is read)")
+    p.add_argument("--max-windows", type=int, default=2216, help="evenly spaced test windows (default: 1/4 of S9)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    return p.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[0] not in ("positions", "kept"):
-        print(__doc__)
-        return 2
-    torch.set_num_threads(2)
-    data = load_windows(argv[1], "test", 2216)
-    for path in argv[2:]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_windows(args.data, "test", args.max_windows)
+    if args.measure == "kept" and (data["conf_2d"] > 0).all():
+        raise SystemExit(f"{args.data}: no dropped joints (confidence 0); build shards with h2ot preprocess --dropout")
+    for path in args.checkpoints:
         model, payload = load_checkpoint(path)
         model.eval()
         in_channels = config_from_dict({"kind": "model", "model": payload["model_config"]}).model.in_channels
-        if argv[0] == "kept":
+        if args.measure == "kept":
+            print(path)
             kept_outliers(model, data, in_channels)
             continue
         err = position_errors(model, data, in_channels)

@@ -1,12 +1,16 @@
-"""Print the docs/RESULTS.md tables from finished runs: per-epoch MLflow histories + `h2ot eval` JSON files.
+"""Markdown tables of finished runs, for docs/RESULTS.md: per-epoch validation, final evaluation, seed summary.
 
-usage: python scripts/results_table.py RUN_DIR [RUN_DIR ...]   (each RUN_DIR of `h2ot train`, with RUN_DIR.eval.json)
+usage: python scripts/results_table.py RUN_DIR [RUN_DIR ...]
 
+Each RUN_DIR is an `--out` folder of `h2ot train` (its mlflow_run.json names the MLflow run whose per-epoch metrics
+are read). The final-evaluation table reads RUN_DIR.eval.json beside it, written by
+`h2ot eval --checkpoint RUN_DIR/model.pt --data SHARDS --json > RUN_DIR.eval.json`; runs without one are left out.
 Runs named <config>_s<seed> are also summarised per config as mean +- sd over their seeds.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import statistics
@@ -20,7 +24,10 @@ KEYS = ["val/mpjpe_mm", "val/p_mpjpe_mm", "val/mpjve_mm", "train/loss", "train_t
 def history(run_dir: Path) -> dict[int, dict[str, float]]:
     from mlflow.tracking import MlflowClient
 
-    info = json.loads((run_dir / "mlflow_run.json").read_text())
+    info_path = run_dir / "mlflow_run.json"
+    if not info_path.is_file():
+        raise SystemExit(f"{info_path} is missing: RUN_DIR must be the --out folder of a finished `h2ot train`")
+    info = json.loads(info_path.read_text())
     client = MlflowClient(info["uri"])
     rows: dict[int, dict[str, float]] = {}
     for key in KEYS:
@@ -30,7 +37,10 @@ def history(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def main(argv: list[str]) -> int:
-    runs = {Path(a).name: (history(Path(a)), Path(a + ".eval.json")) for a in argv}
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--out folder of `h2ot train`")
+    args = p.parse_args(argv)
+    runs = {Path(a).name: (history(Path(a)), Path(a.rstrip("/") + ".eval.json")) for a in args.run_dirs}
     print("| run | epoch | step | train s | clips/s | data wait | MPJPE | P-MPJPE | MPJVE | train loss |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (hist, _) in runs.items():
