@@ -492,9 +492,9 @@ def up(
             state.mlflow_host = state.dashboard_host = "127.0.0.1"  # the GCS still binds the host address
             check_port_free("0.0.0.0", gcs_port, "Ray GCS", "--gcs-port")
             check_port_free("127.0.0.1", dashboard_port, "Ray dashboard / Jobs API", "--dashboard-port")
-            from ray._private.services import get_node_ip_address
+            from cluster.ray_session import node_ip_address
 
-            ip = get_node_ip_address()
+            ip = node_ip_address()
             state.nodes = [NodeState(name=n, ip=ip) for n in names]
         check_port_free(state.mlflow_host, mlflow_port, "MLflow server", "--mlflow-port")
         save_state(state)

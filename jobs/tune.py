@@ -23,7 +23,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -116,90 +115,12 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], data_dir: str, out
 
 # --------------------------------------------------------------------------------------------- the search
 def _ensure_ray(num_cpus: int | None) -> None:
-    import ray
-
+    from cluster.ray_session import connect
     from jobs.train import WORKER_ENV
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    env = dict(WORKER_ENV)
-    kwargs: dict[str, Any] = {}
-    if address != "local":
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-        return
-    if num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
-        # Train's PlacementGroupCleaner (it frees the workers of trials ASHA stops) finds the cluster through the
-        # state API with no address: with another Ray on the host it dies ("Found multiple active Ray
-        # instances") and the stopped trials' placement groups leak. So fix the GCS port and tell every worker.
-        port = _free_port()
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-        env["RAY_ADDRESS"] = f"{_host_ip()}:{port}"
-        try:
-            # the dashboard (ray[default]) must run too: the cleaner asks it; without it the same groups leak
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
-            break
-        except Exception as e:  # noqa: BLE001 - Ray waits a fixed 30 s for its raylet; a loaded host misses it
-            ray.shutdown()
-            _stop_children()  # the half-started node's GCS, dashboard, monitors: ours, and they would linger
-            if "timed out during startup" not in str(e) or attempt == LOCAL_RAY_ATTEMPTS:
-                raise
-            log.warning("local Ray did not start in time (attempt %d of %d); retrying", attempt, LOCAL_RAY_ATTEMPTS)
-        finally:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-    actual = ray.get_runtime_context().gcs_address
-    if actual != env["RAY_ADDRESS"]:
-        log.warning("local Ray's GCS is at %s, not %s: stopped trials may leak their workers",
-                    actual, env["RAY_ADDRESS"])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Process ids below `pid` (Linux /proc; empty elsewhere)."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
-def _stop_children() -> None:
-    """Terminate this process's descendants (only a failed local Ray start has any), then kill stragglers."""
-    import signal
-
-    kids = _descendants(os.getpid())
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in kids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(3)
-        kids = [p for p in kids if Path(f"/proc/{p}").exists()]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
-def _host_ip() -> str:
-    """The address a local Ray publishes (it turns 127.0.0.1 into the host's interface address)."""
-    from ray._private.services import get_node_ip_address
-
-    return get_node_ip_address()
+    # the dashboard must run too (Train's placement-group cleaner asks it), hence no dashboard=False
+    connect(num_cpus=num_cpus, env_vars=WORKER_ENV, log_to_driver=False, start_attempts=LOCAL_RAY_ATTEMPTS,
+            pin_gcs_address=True)
 
 
 def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *, overrides: list[str] | None = None,
