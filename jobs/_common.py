@@ -16,13 +16,14 @@ class UserError(Exception):
 
 def friendly_errors(fn: Callable[..., int]) -> Callable[..., int]:
     """Turn expected errors (bad config, missing file, bad input) into one line on stderr and exit 2."""
+    from cluster import ClusterError
     from h2ot.config import ConfigError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
         try:
             return fn(*args, **kwargs)
-        except (UserError, ConfigError, FileNotFoundError) as e:
+        except (UserError, ConfigError, ClusterError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cluster
+from cluster import local as cluster
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
-"""Fast checks of `h2ot cluster`: state file, stopping exactly what was started, port-taken errors."""
+"""Fast checks of `h2ot cluster`: state file, stopping exactly what was started, port-taken errors, a private
+state folder and token."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cluster
-from jobs._common import UserError
+from cluster import ClusterError, procs
+from cluster import local as cluster
+from cluster.local import state as cluster_state
+from jobs import cluster as cluster_cli
 
 
 def _free_port() -> int:
@@ -55,7 +58,7 @@ def test_state_round_trip(tmp_path: Path) -> None:
 
 def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
-    with pytest.raises(UserError, match="unreadable cluster state"):
+    with pytest.raises(ClusterError, match="unreadable cluster state"):
         cluster.load_state(tmp_path)
 
 
@@ -70,7 +73,7 @@ def test_down_after_a_crash_stops_exactly_the_marked_processes(tmp_path: Path) -
     )
     stranger = _spawn(None, "import time; time.sleep(60)")
     try:
-        state.nodes = [cluster.NodeState("head", None, pid=node.pid, start_ticks=cluster._start_ticks(node.pid))]
+        state.nodes = [cluster.NodeState("head", None, pid=node.pid, start_ticks=procs.start_ticks(node.pid))]
         cluster.save_state(state)
         deadline = time.monotonic() + 10
         while len(cluster.marked_pids(state.id)) < 2 and time.monotonic() < deadline:
@@ -88,10 +91,10 @@ def test_down_after_a_crash_stops_exactly_the_marked_processes(tmp_path: Path) -
 
 def test_pid_reuse_guard(tmp_path: Path) -> None:
     me = os.getpid()
-    ticks = cluster._start_ticks(me)
-    assert cluster._alive(me, ticks)
-    assert not cluster._alive(me, ticks + 1)  # same pid, another start time: not ours
-    assert not cluster._alive(None, None)
+    ticks = procs.start_ticks(me)
+    assert procs.is_alive(me, ticks)
+    assert not procs.is_alive(me, ticks + 1)  # same pid, another start time: not ours
+    assert not procs.is_alive(None, None)
 
 
 def test_port_taken_names_port_and_option() -> None:
@@ -99,7 +102,7 @@ def test_port_taken_names_port_and_option() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        with pytest.raises(UserError, match=rf"port {port} on 127.0.0.1 is taken \(MLflow server.*--mlflow-port"):
+        with pytest.raises(ClusterError, match=rf"port {port} on 127.0.0.1 is taken \(MLflow server.*--mlflow-port"):
             cluster.check_port_free("127.0.0.1", port, "MLflow server", "--mlflow-port")
     cluster.check_port_free("127.0.0.1", port, "MLflow server", "--mlflow-port")  # free again
 
@@ -122,16 +125,49 @@ def test_up_with_a_taken_port_starts_nothing_and_leaves_no_state(tmp_path: Path,
             "--mlflow-port",
             str(port),
         ]
-        assert cluster.main(argv) == 2
+        assert cluster_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"port {port}" in err and "--mlflow-port" in err
     assert not (tmp_path / "state.json").exists()
     assert set(Path("/tmp").glob("h2ot-ray-*")) <= temp_dirs  # Ray's temp dir was removed again
 
 
+def test_state_dir_is_private_and_the_token_is_0600_from_its_creation(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Under a umask that lets everyone read, `up` makes the state folder 0700 and creates the token file 0600
+    (checked on the open file, before a byte is written), replacing a readable one left from before."""
+    modes = []
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        modes.append(os.fstat(fd).st_mode & 0o777)
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(cluster_state.os, "fdopen", fdopen)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o777)
+    (state_dir / "auth_token").write_text("old")
+    (state_dir / "auth_token").chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            argv = ["up", "--state-dir", str(state_dir), "--no-netns", "--gcs-port", str(_free_port()),
+                    "--dashboard-port", str(_free_port()), "--mlflow-port", str(s.getsockname()[1])]
+            assert cluster_cli.main(argv) == 2  # the port is taken: after the token was written
+    finally:
+        os.umask(old_umask)
+    assert "--mlflow-port" in capsys.readouterr().err
+    assert modes == [0o600]
+    token = state_dir / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+    assert (state_dir / "logs").stat().st_mode & 0o777 == 0o700
+
+
 def test_status_and_down_without_a_cluster(tmp_path: Path, capsys) -> None:
-    assert cluster.main(["status", "--state-dir", str(tmp_path)]) == 1
-    assert cluster.main(["down", "--state-dir", str(tmp_path)]) == 0
+    assert cluster_cli.main(["status", "--state-dir", str(tmp_path)]) == 1
+    assert cluster_cli.main(["down", "--state-dir", str(tmp_path)]) == 0
     assert "nothing to stop" in capsys.readouterr().out
 
 
