@@ -47,6 +47,17 @@ def add_output_flags(parser: argparse.ArgumentParser, json_help: str = "print on
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def print_figures(figures: dict, as_json: bool, width: int = 24) -> None:
+    """A benchmark's figures: one JSON object (--json), else one `key: value` line each, keys right-aligned."""
+    import json
+
+    if as_json:
+        print(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        print(f"{key:>{width}}: {value}")
+
+
 def require_shards(data: str | Path) -> None:
     """A UserError unless `data` is a folder (the shards of `h2ot preprocess`)."""
     if not Path(data).is_dir():

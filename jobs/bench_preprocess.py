@@ -12,12 +12,11 @@ a benchmark.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from jobs._common import friendly_errors
+from jobs._common import friendly_errors, print_figures
 
 DEFAULT_H36M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "h36m" / "data_3d_h36m.npz"
 
@@ -51,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for k, v in figures.items():
-            print(f"{k:>22}: {v}")
+    print_figures(figures, args.json, width=22)
     return 0
 
 
