@@ -39,7 +39,7 @@ RETRY_INTERVAL_S = 30.0  # while the server is away, the logger tries it again a
 CLOSE_WAIT_S = 30.0  # at the end of a run, how long the logger keeps trying to send what it holds
 # Rank 0 must not sit in MLflow's own HTTP retries (7 retries with exponential backoff: minutes) while the
 # server is away; the logger keeps and resends instead. Values set by the user win.
-FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 PARAM_MAX_CHARS = 6000
 BATCH = 100  # MLflow's log_batch takes at most 100 params per call
 
@@ -286,6 +286,7 @@ class RunLogger:
     def _flush(self) -> None:
         if not self.pending or time.monotonic() < self._next_try:
             return
+        sent = 0
         while self.pending:
             what, send = self.pending[0]
             try:
@@ -296,7 +297,8 @@ class RunLogger:
                 return
             self.pending.pop(0)
             self.late.append(what)
-        log.info("MLflow (%s) is back: every held write sent (%d so far)", self.uri, len(self.late))
+            sent += 1
+        log.warning("MLflow (%s) is back: the %d write(s) held meanwhile are sent", self.uri, sent)
 
 
 def _artifact_dir(name: str) -> str | None:

@@ -148,6 +148,7 @@ def test_h2ot_train_with_its_tracking_server_down_stops_at_once_with_one_line(tm
                                                                                capsys) -> None:
     from train_helpers import write_tiny_shards
 
+    import jobs.evaluation  # noqa: F401 - imported before the clock starts: on a loaded machine torch takes long
     from jobs import train
 
     uri = f"http://127.0.0.1:{_closed_port()}"
