@@ -32,12 +32,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars
     """Connect to (or start) Ray unless this process already is; True if this call did (then the caller owns
     `ray.shutdown()`), False if Ray was already initialised.
 
-    env_vars: environment of every Ray worker (the job's runtime_env). dashboard: start the dashboard of a local
-    instance (None: Ray's default, on with ray[default]). start_attempts: how often a local start that timed out
-    is tried again, the half-started processes stopped in between. pin_gcs_address: start the local GCS on a
-    known free port and hand its address to every worker as RAY_ADDRESS (Ray Train's placement-group cleaner
-    asks the state API for "the" cluster and, with another Ray on the host, gives up and leaks the placement
-    groups of the trials Tune stops early).
+    env_vars: environment of every Ray worker (the job's runtime_env).
+    dashboard: start the dashboard of a local instance (None: Ray's default, on with ray[default]).
+    start_attempts: how often a local start that timed out is tried; with more than one, a failed start also
+    stops every process below this one (the half-started node's), so use it only in a process that has no
+    children of its own to keep.
+    pin_gcs_address: start the local GCS on a known free port and hand its address to every worker as
+    RAY_ADDRESS (Ray Train's placement-group cleaner asks the state API for "the" cluster and, with another Ray
+    on the host, gives up and leaks the placement groups of the trials Tune stops early).
     """
     import ray
 
@@ -61,7 +63,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars
             break
         except Exception as e:  # noqa: BLE001 - only a startup timeout is retried; the rest is raised
             ray.shutdown()
-            stop_descendants()  # the half-started node's GCS, dashboard and monitors are ours and would linger
+            if start_attempts > 1:  # the half-started node's GCS, dashboard and monitors are ours and would linger
+                stop_descendants()
             if STARTUP_TIMEOUT_TEXT not in str(e) or attempt == start_attempts:
                 raise
             log.warning("local Ray did not start in time (attempt %d of %d); retrying", attempt, start_attempts)
