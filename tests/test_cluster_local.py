@@ -194,3 +194,55 @@ def test_cli_lists_cluster() -> None:
     from jobs.cli import SUBCOMMANDS
 
     assert SUBCOMMANDS["cluster"][0] == "jobs.cluster"
+
+
+class FakeRay:
+    """The part of the `ray` module that `cluster.ray_session.connect` uses; `init` fails `fail` times."""
+
+    def __init__(self, fail: int = 0, message: str = "The raylet timed out during startup") -> None:
+        self.initialized, self.fail, self.message, self.inits = False, fail, message, []
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, **kwargs) -> None:
+        self.inits.append(kwargs)
+        if len(self.inits) <= self.fail:
+            raise RuntimeError(self.message)
+        self.initialized = True
+
+    def shutdown(self) -> None:
+        self.initialized = False
+
+
+def test_connect_picks_the_address_and_retries_only_a_startup_timeout(monkeypatch) -> None:
+    from cluster import ray_session
+
+    stopped = []
+    monkeypatch.setattr(ray_session, "stop_descendants", lambda: stopped.append(True))
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_session.connect(num_cpus=2, env_vars={"A": "1"}, dashboard=False) is True
+    assert fake.inits == [{"address": "10.0.0.5:6379", "log_to_driver": True, "configure_logging": True,
+                           "runtime_env": {"env_vars": {"A": "1"}}}]  # a running cluster: no num_cpus
+    assert ray_session.connect() is False  # already connected: nothing to shut down
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    fake = FakeRay(fail=2)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert ray_session.connect(num_cpus=1, start_attempts=3) is True
+    assert [i["address"] for i in fake.inits] == ["local"] * 3 and fake.inits[0]["num_cpus"] == 1
+    assert len(stopped) == 2 and fake.inits[0]["runtime_env"] is None
+
+    fake = FakeRay(fail=1)  # one attempt: the error is raised, nothing of the caller's is stopped
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(RuntimeError, match="timed out"):
+        ray_session.connect()
+    assert len(stopped) == 2
+
+    fake = FakeRay(fail=1, message="bad num_cpus")  # another error is not retried
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(RuntimeError, match="bad num_cpus"):
+        ray_session.connect(start_attempts=3)
+    assert len(fake.inits) == 1
