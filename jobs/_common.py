@@ -16,13 +16,14 @@ class UserError(Exception):
 
 def friendly_errors(fn: Callable[..., int]) -> Callable[..., int]:
     """Turn expected errors (bad config, missing file, bad input) into one line on stderr and exit 2."""
+    from cluster import ClusterError
     from h2ot.config import ConfigError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> int:
         try:
             return fn(*args, **kwargs)
-        except (UserError, ConfigError, FileNotFoundError) as e:
+        except (UserError, ConfigError, ClusterError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
@@ -44,6 +45,17 @@ def add_output_flags(parser: argparse.ArgumentParser, json_help: str = "print on
     """--json and --verbose, the same on every job."""
     parser.add_argument("--json", action="store_true", help=json_help)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def print_figures(figures: dict, as_json: bool, width: int = 24) -> None:
+    """A benchmark's figures: one JSON object (--json), else one `key: value` line each, keys right-aligned."""
+    import json
+
+    if as_json:
+        print(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        print(f"{key:>{width}}: {value}")
 
 
 def require_shards(data: str | Path) -> None:

@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the whole system end to end: Ray Data -> Ray Train (full vs H2OT) -> eval -> MLflow"),
     "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
     "preprocess": ("jobs.preprocess", "raw pose data -> Parquet window shards + manifest (Ray Data)"),
-    "bench-preprocess": ("pipelines.bench", "Ray Data vs single-process preprocessing throughput (JSON)"),
+    "bench-preprocess": ("jobs.bench_preprocess", "Ray Data vs single-process preprocessing throughput (JSON)"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
     "train": ("jobs.train", "train a model with Ray Train (DDP), tracked in MLflow; best model -> RUN_DIR/model.pt"),

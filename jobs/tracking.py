@@ -1,26 +1,57 @@
-"""MLflow helpers in one place: tracking URI, experiment and run names, and what a training run logs.
+"""Every MLflow write of the project, in one place: tracking URI, run names, the training run's logger, and the
+parent and child runs of a Tune search.
 
 The URI: `MLFLOW_TRACKING_URI` wins; otherwise an absolute sqlite file under the run folder
-(`sqlite:////abs/RUN_DIR/mlflow.db`), because Ray workers run in other working directories. The driver resolves
-the URI and creates the run (no logging); the train loop's rank 0 reopens it by id and logs everything, with the
-URI passed to the workers through `RunConfig(worker_runtime_env=...)`.
+(`sqlite:////abs/RUN_DIR/mlflow.db`), because Ray workers run in other working directories. The driver checks
+the URI (a tracking server that does not answer is one clear error within ~15 s, before anything trains) and
+creates the run; the train loop's rank 0 reopens it by id and logs through `RunLogger`, which never lets a
+tracking outage stop training: what cannot be logged is kept and sent again once the server is back, and the
+end of the run says what came late or was lost.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from jobs._common import UserError
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_ID_FILE = "mlflow_run.json"
+TRIALS_FILE = "mlflow_trials.json"
+CHECK_TIMEOUT_S = 15.0  # a tracking server that does not answer within this is an error before the run starts
+CHECK_ATTEMPTS = 3
+RETRY_INTERVAL_S = 30.0  # while the server is away, the logger tries it again at most this often
+CLOSE_WAIT_S = 30.0  # at the end of a run, how long the logger keeps trying to send what it holds
+# Rank 0 must not sit in MLflow's own HTTP retries (7 retries with exponential backoff: minutes) while the
+# server is away; the logger keeps and resends instead. Values set by the user win.
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+PARAM_MAX_CHARS = 6000
+BATCH = 100  # MLflow's log_batch takes at most 100 params per call
 
 
+Keep = Callable[[Path], tuple[Path, "str | None"]]  # copies an artifact into a folder -> (file, artifact dir)
+
+
+class TrackingUnavailable(UserError):
+    """The tracking server named by the URI does not answer."""
+
+
+# --------------------------------------------------------------------------------------------- names, URI
 def tracking_uri(out_dir: str | Path | None = None) -> str:
     """`MLFLOW_TRACKING_URI` if set, else an absolute sqlite path (RUN_DIR/mlflow.db, or ./mlflow.db)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -28,6 +59,32 @@ def tracking_uri(out_dir: str | Path | None = None) -> str:
         return env
     base = Path(out_dir) if out_dir is not None else Path.cwd()
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def check_tracking_uri(uri: str, timeout_s: float = CHECK_TIMEOUT_S) -> None:
+    """For an http(s) URI, ask the server's `/health` (a few tries within `timeout_s`); TrackingUnavailable
+    naming the URI when it never answers. Local stores (sqlite, files) need no server and pass."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    deadline, last = time.monotonic() + timeout_s, None
+    for attempt in range(CHECK_ATTEMPTS):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=min(5.0, left)):  # noqa: S310
+                log.info("MLflow tracking server %s answers", uri)
+                return
+        except urllib.error.HTTPError as e:  # it answered (e.g. 401 behind auth): it is there
+            log.info("MLflow tracking server %s answers (HTTP %d on /health)", uri, e.code)
+            return
+        except (urllib.error.URLError, OSError) as e:
+            last = getattr(e, "reason", e)
+        if attempt < CHECK_ATTEMPTS - 1:
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} does not answer ({last}); start it (or `h2ot cluster up`), point "
+        f"MLFLOW_TRACKING_URI at a running server, or unset it to log to RUN_DIR/mlflow.db")
 
 
 def git_revision() -> str:
@@ -68,12 +125,37 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def create_run(uri: str, experiment: str, name: str, out_dir: str | Path, tags: dict[str, str] | None = None,
-               parent_run_id: str | None = None) -> str:
-    """Create (or, for a rerun of the same RUN_DIR, reuse) an MLflow run; returns its id. Logs nothing."""
+def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    return MlflowClient(uri)
+
+
+def _metric_items(values: dict[str, Any], step: int, finite_only: bool = False) -> list[Any]:
+    """The numbers of `values` as MLflow Metrics stamped now (others left out; NaN/inf too if `finite_only`)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()
+            if isinstance(v, (int, float)) and (not finite_only or math.isfinite(float(v)))]
+
+
+def _log_new_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Flattened `params` the run does not hold yet (a resumed run keeps its first values), 100 per call."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, str(v)[:PARAM_MAX_CHARS]) for k, v in flatten(params).items() if k not in existing]
+    for i in range(0, len(new), BATCH):
+        client.log_batch(run_id, params=new[i:i + BATCH])
+
+
+# --------------------------------------------------------------------------------------------- a training run
+def create_run(uri: str, experiment: str, name: str, out_dir: str | Path, tags: dict[str, str] | None = None,
+               parent_run_id: str | None = None) -> str:
+    """Check the URI, then create (or, for a rerun of the same RUN_DIR, reuse) an MLflow run; returns its id."""
+    check_tracking_uri(uri)
+    client = _client(uri)
     marker = Path(out_dir) / RUN_ID_FILE
     if marker.is_file():
         saved = json.loads(marker.read_text())
@@ -95,43 +177,233 @@ def create_run(uri: str, experiment: str, name: str, out_dir: str | Path, tags: 
 
 
 def end_run(tracking: dict[str, str], failed: bool = False) -> None:
-    """Mark the run {uri, run_id} FINISHED (or FAILED), so the MLflow UI does not show it as running."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking["uri"]).set_terminated(tracking["run_id"], "FAILED" if failed else "FINISHED")
+    """Mark the run {uri, run_id} FINISHED (or FAILED); a server that is away only costs a warning."""
+    for k, v in FAIL_FAST_HTTP.items():
+        os.environ.setdefault(k, v)
+    try:
+        _client(tracking["uri"]).set_terminated(tracking["run_id"], "FAILED" if failed else "FINISHED")
+    except Exception as e:  # noqa: BLE001 - training is done and exported; the run's status is cosmetic
+        log.warning("could not mark MLflow run %s as ended (%s): %s", tracking["run_id"], tracking["uri"], e)
 
 
 class RunLogger:
-    """Rank 0's handle on the run the driver created: params once, metrics per epoch, artifacts at the end."""
+    """Rank 0's handle on the run the driver created: params once, metrics per epoch, artifacts at the end.
 
-    def __init__(self, uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
+    A call the tracking server cannot take (it is away, or restarting) does not raise: the write is kept, in
+    order, and sent again on a later call once `retry_interval_s` has passed (artifacts, dicts and figures are
+    first copied to a spool folder, since their sources may be gone by then). `close()` tries for a while longer,
+    then says what was sent late and what was lost; train loops call it at the end.
+    """
 
-        self.client = MlflowClient(uri)
-        self.run_id = run_id
+    def __init__(self, uri: str, run_id: str, *, client: Any = None, retry_interval_s: float = RETRY_INTERVAL_S):
+        for k, v in FAIL_FAST_HTTP.items():
+            os.environ.setdefault(k, v)
+        self.uri, self.run_id = uri, run_id
+        self.client = client if client is not None else _client(uri)
+        self.retry_interval_s = retry_interval_s
+        self.pending: list[tuple[str, Callable[[], None]]] = []
+        self.late: list[str] = []
+        self._next_try = 0.0
+        self._spool: Path | None = None
 
+    # the public API: what a train loop calls
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if k not in existing]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i : i + 100])
+        self._write("params", lambda: _log_new_params(self.client, self.run_id, params))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=items)
+        items = _metric_items(metrics, step)  # stamped now, even when sent later
+        self._write(f"metrics of step {step}", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        def keep(folder: Path) -> tuple[Path, str | None]:
+            return Path(shutil.copy(path, folder / Path(path).name)), artifact_path
+
+        self._write(f"artifact {Path(path).name}",
+                    lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), keep)
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, data, name)
+        def keep(folder: Path) -> tuple[Path, str | None]:
+            (folder / Path(name).name).write_text(json.dumps(data, indent=1, default=str))
+            return folder / Path(name).name, _artifact_dir(name)
+
+        self._write(f"dict {name}", lambda: self.client.log_dict(self.run_id, data, name), keep)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        self.client.log_figure(self.run_id, figure, name)
+        def keep(folder: Path) -> tuple[Path, str | None]:
+            figure.savefig(folder / Path(name).name, bbox_inches="tight")
+            return folder / Path(name).name, _artifact_dir(name)
+
+        self._write(f"figure {name}", lambda: self.client.log_figure(self.run_id, figure, name), keep)
+
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> dict[str, list[str]]:
+        """Send what is held (trying for up to `wait_s`); -> {"late": [...], "lost": [...]}, also logged."""
+        deadline = time.monotonic() + wait_s
+        while self.pending:
+            self._next_try = 0.0
+            self._flush()
+            if not self.pending or time.monotonic() + 2.0 > deadline:
+                break
+            time.sleep(2.0)
+        lost = [what for what, _ in self.pending]
+        if self.late:
+            log.warning("MLflow (%s): %d write(s) sent late, after the server came back: %s",
+                        self.uri, len(self.late), ", ".join(self.late))
+        if lost:
+            log.error("MLflow (%s): %d write(s) LOST (the server did not come back within %.0f s): %s%s",
+                      self.uri, len(lost), wait_s, ", ".join(lost),
+                      f"; the files are kept in {self._spool}" if self._spool else "")
+        elif self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+        return {"late": list(self.late), "lost": lost}
+
+    # the buffer
+    def _write(self, what: str, send: Callable[[], None], keep: Keep | None = None) -> None:
+        self._flush()
+        if not self.pending:
+            try:
+                send()
+                return
+            except Exception as e:  # noqa: BLE001 - no tracking failure may stop training
+                log.warning("MLflow (%s) did not take the %s (%s); keeping it and trying again every %.0f s; "
+                            "training goes on", self.uri, what, _short(e), self.retry_interval_s)
+                self._next_try = time.monotonic() + self.retry_interval_s
+        self.pending.append((what, self._kept(what, send, keep) if keep else send))
+
+    def _kept(self, what: str, send: Callable[[], None], keep: Keep) -> Callable[[], None]:
+        """A copy in the spool folder (the source may be gone or changed by the time the server is back), and
+        the resend that uploads that copy."""
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="h2ot-mlflow-spool-"))
+        folder = self._spool / str(len(self.pending))
+        folder.mkdir()
+        try:
+            local, artifact_dir = keep(folder)
+        except Exception as e:  # noqa: BLE001 - no copy: resend from the source, if it is still there
+            log.warning("could not keep a copy of the %s for later (%s)", what, e)
+            return send
+        return lambda: self.client.log_artifact(self.run_id, str(local), artifact_dir)
+
+    def _flush(self) -> None:
+        if not self.pending or time.monotonic() < self._next_try:
+            return
+        sent = 0
+        while self.pending:
+            what, send = self.pending[0]
+            try:
+                send()
+            except Exception as e:  # noqa: BLE001 - still away: keep the rest, try again later
+                log.debug("MLflow still unreachable (%s)", _short(e))
+                self._next_try = time.monotonic() + self.retry_interval_s
+                return
+            self.pending.pop(0)
+            self.late.append(what)
+            sent += 1
+        log.warning("MLflow (%s) is back: the %d write(s) held meanwhile are sent", self.uri, sent)
+
+
+def _artifact_dir(name: str) -> str | None:
+    """The artifact folder of an artifact file name (`plots/x.png` -> `plots`; `x.png` -> None)."""
+    parent = str(Path(name).parent)
+    return None if parent == "." else parent
+
+
+def _short(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+# --------------------------------------------------------------------------------------------- a Tune search
+class ChildRuns:
+    """trial_id -> MLflow child run id under a search's parent run, persisted in OUT/mlflow_trials.json so a
+    resumed search reuses the same runs. Only the driver writes (concurrent trials never lock one sqlite file)."""
+
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, out_dir: str | Path):
+        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
+        self.path = Path(out_dir) / TRIALS_FILE
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks into its experiment state
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def mapping(self) -> dict[str, str]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get_or_create(self, trial_id: str, trial: dict[str, Any], base: dict[str, Any]) -> str:
+        runs = self.mapping()
+        if trial_id in runs:
+            return runs[trial_id]
+        tags = {"mlflow.parentRunId": self.parent_run_id, "trial_id": trial_id,
+                "schedule": schedule_tag(trial["schedule"]), "stages": str(len(trial["schedule"])),
+                "tpm": trial["tpm"], "trm": trial["trm"]}
+        name = f"{schedule_tag(trial['schedule'])}-{trial['tpm']}-{trial['trm']}-lr{trial['lr']:g}-{trial_id}"
+        if trial.get("seed") is not None:
+            name, tags["seed"] = f"{name}-s{trial['seed']}", str(trial["seed"])
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        _log_new_params(self.client, run_id, {"trial": trial, "base": base, "trial_id": trial_id})
+        runs[trial_id] = run_id
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(runs, indent=1))
+        tmp.replace(self.path)
+        return run_id
+
+    def log_epoch(self, run_id: str, metrics: dict[str, Any], step: int) -> None:
+        items = _metric_items({k: metrics[k] for k in TRIAL_METRICS if k in metrics}, step)
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def finish(self, run_id: str, status: str, final: dict[str, Any] | None = None) -> None:
+        if final:
+            self.client.log_dict(run_id, final, "final.json")
+        self.client.set_terminated(run_id, status)
+
+    def reconcile(self, rows: list[dict[str, Any]], base: dict[str, Any]) -> None:
+        """Every trial row gets its child run with its per-epoch metrics and final figures, even one the live
+        callback missed (e.g. it finished just before the driver was killed)."""
+        for r in rows:
+            run_id = self.get_or_create(r["trial_id"], {k: r[k] for k in ("schedule", "tpm", "trm", "lr", "seed")},
+                                        base)
+            if not self.client.get_metric_history(run_id, "val/mpjpe_mm"):
+                for h in r["history"]:
+                    self.log_epoch(run_id, h, int(h["epoch"]))
+            final = {"final/mpjpe_mm": r["mpjpe_mm"], "final/gflops": r["gflops"],
+                     "final/gflops_predicted": r["gflops_predicted"], "final/epochs": r["epochs"]}
+            self.client.log_batch(run_id, metrics=_metric_items(final, 0, finite_only=True))
+            self.client.set_tag(run_id, "status", r["status"])
+            self.client.set_tag(run_id, "pareto", str(r["pareto"]))
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "FAILED" if r["status"] == "error" else "FINISHED")
+
+
+TRIAL_METRICS = ("val/mpjpe_mm", "val/p_mpjpe_mm", "val/mpjve_mm", "gflops", "train/loss", "lr",
+                 "clips_per_s", "epoch_seconds", "train_time_s")
+
+
+class SearchRun:
+    """A Tune search's parent run (its plan, Pareto table, plot, summary) and its child runs, one per trial."""
+
+    def __init__(self, uri: str, experiment: str, name: str, out_dir: str | Path, tags: dict[str, str]):
+        self.run_id = create_run(uri, experiment, name, out_dir, tags)
+        self.client = _client(uri)
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.children = ChildRuns(uri, experiment_id, self.run_id, out_dir)
+
+    def log_plan(self, params: dict[str, Any], plan: dict[str, Any]) -> None:
+        """The search's settings (params once: a resumed search keeps its first values) and search.json."""
+        _log_new_params(self.client, self.run_id, params)
+        self.client.log_dict(self.run_id, plan, "search.json")
+
+    def log_report(self, files: list[Path], summary: dict[str, Any], metrics: dict[str, float]) -> None:
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path))
+        self.client.log_dict(self.run_id, summary, "summary.json")
+        if metrics:
+            self.client.log_batch(self.run_id, metrics=_metric_items(metrics, 0, finite_only=True))
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED")

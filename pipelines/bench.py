@@ -1,7 +1,5 @@
-"""Benchmark: the Ray Data pipeline vs a plain single-process loop on the same input (`h2ot bench-preprocess`).
-
-    python -m pipelines.bench --json                      # the shared Human3.6M file if present, else synthetic
-    python -m pipelines.bench --source h36m --input ../shared/data/h36m/data_3d_h36m.npz --num-cpus 2 --json
+"""Benchmark: the Ray Data pipeline vs a plain single-process loop on the same input (`run_bench`; the command
+line is `h2ot bench-preprocess`, jobs/bench_preprocess.py).
 
 Fair by construction: both paths run `pipelines.build.build_shards` with the same config, so they call the
 same per-sequence functions (`process_group` -> `prepare_sequence` -> windows -> `write_shard`) and the same
@@ -14,9 +12,7 @@ tensor columns (valid counted at its 1 byte), plus where the time went (CPU seco
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import resource
 import shutil
@@ -27,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_H36M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "h36m" / "data_3d_h36m.npz"
+CHILD = "import sys; from pipelines.bench import build_child; sys.exit(build_child(sys.argv[1]))"
 
 
 def _build_in_child(cfg: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
@@ -41,7 +37,7 @@ def _build_in_child(cfg: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pipelines.bench", "--child-config", json.dumps(cfg)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -95,48 +91,18 @@ def run_bench(source: str, input: str | None, frames: int = 243, stride: int = 8
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="h2ot bench-preprocess", description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=None, help="default: h36m if the shared file exists, else synthetic")
-    p.add_argument("--input", default=None)
-    p.add_argument("--frames", type=int, default=243)
-    p.add_argument("--stride", type=int, default=81)
-    p.add_argument("--num-cpus", dest="num_cpus", type=int, default=2)
-    p.add_argument("--workdir", default=None, help="where the two temporary builds go (default: system temp)")
-    p.add_argument("--json", action="store_true", help="print only the JSON figures")
-    p.add_argument("--child-config", dest="child_config", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.child_config is not None:  # one timed build (see _build_in_child)
-        from pipelines.build import build_shards
-        from pipelines.config import PreprocessConfig
-        from pipelines.records import PipelineError
+def build_child(config_json: str) -> int:
+    """One timed build, in the fresh process `_build_in_child` starts: 0, or 2 with the error on stderr."""
+    import logging
 
-        try:
-            build_shards(config=PreprocessConfig(**json.loads(args.child_config)))
-        except PipelineError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    source, inp = args.source, args.input
-    if source is None:
-        source = "h36m" if (inp or DEFAULT_H36M.is_file()) else "synthetic"
-    if source == "h36m" and inp is None:
-        inp = str(DEFAULT_H36M.resolve())
+    from pipelines.build import build_shards
+    from pipelines.config import PreprocessConfig
     from pipelines.records import PipelineError
 
+    logging.basicConfig(level=logging.WARNING)
     try:
-        figures = run_bench(source, inp, args.frames, args.stride, args.num_cpus, args.workdir)
+        build_shards(config=PreprocessConfig(**json.loads(config_json)))
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for k, v in figures.items():
-            print(f"{k:>22}: {v}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cluster
+from cluster import local as cluster
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ JOB_TIMEOUT_S = 480  # generous: the machine may be shared; an idle 2-core box n
 RUN_NAME = "cluster-e2e"
 EXPERIMENT = "h2ot-cluster-e2e"
 # Two Ray Train workers of 2 CPUs on nodes of 3 logical CPUs: they cannot share a node, and each node keeps 1 CPU
-# for Ray Data's read tasks (one CPU each; fewer starves the pipeline, ECOSYSTEM.md).
+# for Ray Data's read tasks (one CPU each; with none left, the read tasks wait and the pipeline starves).
 CPUS_PER_NODE = 3
 CPUS_PER_WORKER = 2
 

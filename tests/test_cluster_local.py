@@ -1,4 +1,5 @@
-"""Fast checks of `h2ot cluster`: state file, stopping exactly what was started, port-taken errors."""
+"""Fast checks of `h2ot cluster`: state file, stopping exactly what was started, port-taken errors, a private
+state folder and token."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs import cluster
-from jobs._common import UserError
+from cluster import ClusterError, procs
+from cluster import local as cluster
+from cluster.local import state as cluster_state
+from jobs import cluster as cluster_cli
 
 
 def _free_port() -> int:
@@ -55,7 +58,7 @@ def test_state_round_trip(tmp_path: Path) -> None:
 
 def test_unreadable_state_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
-    with pytest.raises(UserError, match="unreadable cluster state"):
+    with pytest.raises(ClusterError, match="unreadable cluster state"):
         cluster.load_state(tmp_path)
 
 
@@ -70,7 +73,7 @@ def test_down_after_a_crash_stops_exactly_the_marked_processes(tmp_path: Path) -
     )
     stranger = _spawn(None, "import time; time.sleep(60)")
     try:
-        state.nodes = [cluster.NodeState("head", None, pid=node.pid, start_ticks=cluster._start_ticks(node.pid))]
+        state.nodes = [cluster.NodeState("head", None, pid=node.pid, start_ticks=procs.start_ticks(node.pid))]
         cluster.save_state(state)
         deadline = time.monotonic() + 10
         while len(cluster.marked_pids(state.id)) < 2 and time.monotonic() < deadline:
@@ -88,10 +91,10 @@ def test_down_after_a_crash_stops_exactly_the_marked_processes(tmp_path: Path) -
 
 def test_pid_reuse_guard(tmp_path: Path) -> None:
     me = os.getpid()
-    ticks = cluster._start_ticks(me)
-    assert cluster._alive(me, ticks)
-    assert not cluster._alive(me, ticks + 1)  # same pid, another start time: not ours
-    assert not cluster._alive(None, None)
+    ticks = procs.start_ticks(me)
+    assert procs.is_alive(me, ticks)
+    assert not procs.is_alive(me, ticks + 1)  # same pid, another start time: not ours
+    assert not procs.is_alive(None, None)
 
 
 def test_port_taken_names_port_and_option() -> None:
@@ -99,7 +102,7 @@ def test_port_taken_names_port_and_option() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        with pytest.raises(UserError, match=rf"port {port} on 127.0.0.1 is taken \(MLflow server.*--mlflow-port"):
+        with pytest.raises(ClusterError, match=rf"port {port} on 127.0.0.1 is taken \(MLflow server.*--mlflow-port"):
             cluster.check_port_free("127.0.0.1", port, "MLflow server", "--mlflow-port")
     cluster.check_port_free("127.0.0.1", port, "MLflow server", "--mlflow-port")  # free again
 
@@ -122,16 +125,49 @@ def test_up_with_a_taken_port_starts_nothing_and_leaves_no_state(tmp_path: Path,
             "--mlflow-port",
             str(port),
         ]
-        assert cluster.main(argv) == 2
+        assert cluster_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert f"port {port}" in err and "--mlflow-port" in err
     assert not (tmp_path / "state.json").exists()
     assert set(Path("/tmp").glob("h2ot-ray-*")) <= temp_dirs  # Ray's temp dir was removed again
 
 
+def test_state_dir_is_private_and_the_token_is_0600_from_its_creation(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Under a umask that lets everyone read, `up` makes the state folder 0700 and creates the token file 0600
+    (checked on the open file, before a byte is written), replacing a readable one left from before."""
+    modes = []
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        modes.append(os.fstat(fd).st_mode & 0o777)
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(cluster_state.os, "fdopen", fdopen)
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o777)
+    (state_dir / "auth_token").write_text("old")
+    (state_dir / "auth_token").chmod(0o644)
+    old_umask = os.umask(0)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            argv = ["up", "--state-dir", str(state_dir), "--no-netns", "--gcs-port", str(_free_port()),
+                    "--dashboard-port", str(_free_port()), "--mlflow-port", str(s.getsockname()[1])]
+            assert cluster_cli.main(argv) == 2  # the port is taken: after the token was written
+    finally:
+        os.umask(old_umask)
+    assert "--mlflow-port" in capsys.readouterr().err
+    assert modes == [0o600]
+    token = state_dir / "auth_token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+    assert (state_dir / "logs").stat().st_mode & 0o777 == 0o700
+
+
 def test_status_and_down_without_a_cluster(tmp_path: Path, capsys) -> None:
-    assert cluster.main(["status", "--state-dir", str(tmp_path)]) == 1
-    assert cluster.main(["down", "--state-dir", str(tmp_path)]) == 0
+    assert cluster_cli.main(["status", "--state-dir", str(tmp_path)]) == 1
+    assert cluster_cli.main(["down", "--state-dir", str(tmp_path)]) == 0
     assert "nothing to stop" in capsys.readouterr().out
 
 
@@ -158,3 +194,55 @@ def test_cli_lists_cluster() -> None:
     from jobs.cli import SUBCOMMANDS
 
     assert SUBCOMMANDS["cluster"][0] == "jobs.cluster"
+
+
+class FakeRay:
+    """The part of the `ray` module that `cluster.ray_session.connect` uses; `init` fails `fail` times."""
+
+    def __init__(self, fail: int = 0, message: str = "The raylet timed out during startup") -> None:
+        self.initialized, self.fail, self.message, self.inits = False, fail, message, []
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, **kwargs) -> None:
+        self.inits.append(kwargs)
+        if len(self.inits) <= self.fail:
+            raise RuntimeError(self.message)
+        self.initialized = True
+
+    def shutdown(self) -> None:
+        self.initialized = False
+
+
+def test_connect_picks_the_address_and_retries_only_a_startup_timeout(monkeypatch) -> None:
+    from cluster import ray_session
+
+    stopped = []
+    monkeypatch.setattr(ray_session, "stop_descendants", lambda: stopped.append(True))
+    fake = FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ray_session.connect(num_cpus=2, env_vars={"A": "1"}, dashboard=False) is True
+    assert fake.inits == [{"address": "10.0.0.5:6379", "log_to_driver": True, "configure_logging": True,
+                           "runtime_env": {"env_vars": {"A": "1"}}}]  # a running cluster: no num_cpus
+    assert ray_session.connect() is False  # already connected: nothing to shut down
+
+    monkeypatch.delenv("RAY_ADDRESS")
+    fake = FakeRay(fail=2)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert ray_session.connect(num_cpus=1, start_attempts=3) is True
+    assert [i["address"] for i in fake.inits] == ["local"] * 3 and fake.inits[0]["num_cpus"] == 1
+    assert len(stopped) == 2 and fake.inits[0]["runtime_env"] is None
+
+    fake = FakeRay(fail=1)  # one attempt: the error is raised, nothing of the caller's is stopped
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(RuntimeError, match="timed out"):
+        ray_session.connect()
+    assert len(stopped) == 2
+
+    fake = FakeRay(fail=1, message="bad num_cpus")  # another error is not retried
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with pytest.raises(RuntimeError, match="bad num_cpus"):
+        ray_session.connect(start_attempts=3)
+    assert len(fake.inits) == 1

@@ -168,7 +168,7 @@ def test_tune_configs_load_with_their_base_and_dry_run(capsys) -> None:
 
 
 def test_resources_fit_the_cluster() -> None:
-    from jobs.tune import plan_resources
+    from jobs.tune_trials import plan_resources
 
     base = load_config(REPO / "configs" / "mixste_small.yaml")  # 2 workers x 0.5 CPU
     plan = plan_resources(base, TuneSettings(), {"CPU": 2.0})
@@ -179,6 +179,28 @@ def test_resources_fit_the_cluster() -> None:
     assert plan["workers_per_trial"] == 4 and plan["use_gpu"] and plan["max_concurrent_trials"] == 2  # 8 GPUs / 4
     plan = plan_resources(base, TuneSettings(max_concurrent_trials=3), {"CPU": 64.0})
     assert plan["max_concurrent_trials"] == 3 and plan["workers_per_trial"] == 2
+
+
+def test_progress_line_counts_ended_trials_and_names_the_best_so_far() -> None:
+    from types import SimpleNamespace
+
+    from jobs.tune_callbacks import TrialProgress
+
+    def trial(tid, status, best, schedule, epoch=2):
+        return SimpleNamespace(trial_id=tid, status=status, last_result={"epoch": epoch, "gflops": 0.01},
+                               metric_analysis={"val/mpjpe_mm": {"min": best}} if best is not None else {},
+                               config={"trial": {"schedule": schedule, "tpm": "dpc_knn", "trm": "linear", "lr": 2e-3}})
+
+    a = trial("t0", "TERMINATED", 70.0, [])
+    b = trial("t1", "RUNNING", 64.5, [[1, 9]])  # just completed: Tune may not have marked it yet
+    c = trial("t2", "RUNNING", 60.0, [[1, 13], [2, 5]])  # still running, but the best epoch so far
+    d = trial("t3", "PENDING", None, [[2, 9]])
+    line = TrialProgress(total=4).line([a, b, c, d], b, "finished")
+    assert "trial t1 finished (b1n9 dpc_knn linear lr 0.002 val/mpjpe_mm 64.50" in line, line
+    assert "2/4 trials ended" in line, line
+    assert line.endswith("best so far: t2 (b1n13-b2n5 dpc_knn linear lr 0.002 val/mpjpe_mm 60.00 at 0.0100 GFLOPs "
+                         "after 2 epoch(s))"), line
+    assert "best so far" not in TrialProgress(total=1).line([d], d, "FAILED")
 
 
 def test_tune_module_imports_without_ray() -> None:

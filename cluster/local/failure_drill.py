@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from jobs import cluster  # noqa: E402
+from cluster import local as cluster  # noqa: E402
 
 RUN_NAME = "drill"
 EXPERIMENT = "h2ot-drill"

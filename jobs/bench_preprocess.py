@@ -1,0 +1,58 @@
+"""`h2ot bench-preprocess [--json]`: the Ray Data pipeline vs a plain single-process loop on the same input.
+
+    h2ot bench-preprocess --json                      # the shared Human3.6M file if present, else synthetic
+    h2ot bench-preprocess --source h36m --input ../shared/data/h36m/data_3d_h36m.npz --num-cpus 2 --json
+
+Both builds run in fresh processes with the same config and writer and must write byte-identical shards
+(pipelines.bench.run_bench); prints windows per second of each, their ratio, the shard size ratio and where the
+time went. The machine's load averages before and after are in the figures: on a shared machine they are not
+a benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jobs._common import friendly_errors, print_figures
+
+DEFAULT_H36M = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "h36m" / "data_3d_h36m.npz"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="h2ot bench-preprocess", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p.add_argument("--source", default=None, help="default: h36m if the shared file exists, else synthetic")
+    p.add_argument("--input", default=None)
+    p.add_argument("--frames", type=int, default=243)
+    p.add_argument("--stride", type=int, default=81)
+    p.add_argument("--num-cpus", dest="num_cpus", type=int, default=2)
+    p.add_argument("--workdir", default=None, help="where the two temporary builds go (default: system temp)")
+    p.add_argument("--json", action="store_true", help="print only the JSON figures")
+    return p.parse_args(argv)
+
+
+@friendly_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from pipelines.bench import run_bench
+    from pipelines.records import PipelineError
+
+    source, inp = args.source, args.input
+    if source is None:
+        source = "h36m" if (inp or DEFAULT_H36M.is_file()) else "synthetic"
+    if source == "h36m" and inp is None:
+        inp = str(DEFAULT_H36M.resolve())
+    try:
+        figures = run_bench(source, inp, args.frames, args.stride, args.num_cpus, args.workdir)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_figures(figures, args.json, width=22)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
