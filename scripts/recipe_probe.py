@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from h2ot.config import load_config
+from h2ot.engine import train_step
 from h2ot.models import build_model
-from jobs.bench_train import plain_step
 from jobs.evaluation import evaluate, load_windows
-from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything
+from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything, step_settings
 from pipelines.shards import read_split
 
 
@@ -49,11 +49,12 @@ def main(argv: list[str]) -> int:
     schedule = SimpleNamespace(lr_schedule="cosine", epochs=1, steps_per_epoch=steps, warmup_steps=max(1, steps // 9))
     scheduler, _ = build_lr_scheduler(optimizer, schedule)  # the training loop's warm-up + cosine, stepped per step
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    scaler, settings = torch.amp.GradScaler("cpu", enabled=False), step_settings(cfg, torch.device("cpu"))
     start, losses = time.time(), []
     for step in range(1, steps + 1):
         idx = np.sort(rng.choice(len(train["valid"]), batch, replace=False))
         clips = {k: torch.from_numpy(v[idx]).float() for k, v in train.items()}
-        losses.append(float(plain_step(model, optimizer, clips, cfg, gen)))
+        losses.append(float(train_step(model, clips, optimizer, scaler, settings, gen)))
         scheduler.step()
         if step % every == 0 or step == steps:
             acc, _ = evaluate(model, test, cfg.model.in_channels, 64, True)
