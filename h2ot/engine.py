@@ -9,12 +9,13 @@ results back on the CPU, so a caller never mixes devices. The targets of a model
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from h2ot.losses import pose_loss
+from h2ot.losses import training_loss
 from h2ot.models.base import predict
 from h2ot.skeleton import flip_pose
 from h2ot.targets import select_targets
@@ -56,7 +57,7 @@ def flip_half(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[t
     """Mirror a random half of the clips (input x [B, T, J, C] and target y [B, T, J, 3] together).
 
     gen is a CPU generator (so the draw is the same on every device); the mask follows x to its device."""
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device).view(-1, 1, 1, 1)
     return torch.where(mask, flip_pose(x), x), torch.where(mask, flip_pose(y), y)
 
 
@@ -73,11 +74,11 @@ def step_loss(model: nn.Module, batch: dict[str, torch.Tensor], settings: StepSe
     x, y = batch_input(batch["pose_2d"], batch.get("conf_2d"), settings.in_channels), batch["pose_3d"]
     if settings.flip_augment and gen is not None:
         x, y = flip_half(x, y, gen)
-    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=settings.amp):
+    amp = torch.autocast(device_type=device.type, dtype=torch.float16) if settings.amp else contextlib.nullcontext()
+    with amp:
         out = model(x)
     target, valid = select_targets(out, y, batch["valid"])
-    loss, _ = pose_loss(out.pose_3d.float(), target, valid, settings.tc_weight, settings.velocity_weight)
-    return loss
+    return training_loss(out.pose_3d.float(), target, valid, settings.tc_weight, settings.velocity_weight)
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -42,6 +42,27 @@ def velocity_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor)
     return _masked_mean(err, step_valid)
 
 
+def loss_parts(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{wmpjpe, tc, velocity} as tensors on pred's device; with T == 1 (seq2frame) only wmpjpe."""
+    parts = {"wmpjpe": weighted_mpjpe(pred, target, valid)}
+    if pred.shape[1] > 1:
+        parts["tc"] = temporal_consistency(pred, valid)
+        parts["velocity"] = velocity_loss(pred, target, valid)
+    return parts
+
+
+def training_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    tc_weight: float = 0.5,
+    velocity_weight: float = 2.0,
+) -> torch.Tensor:
+    """The paper's seq2seq loss as one tensor, without reading any value back to the host (no device sync)."""
+    parts = loss_parts(pred, target, valid)
+    return parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
+
+
 def pose_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -49,10 +70,7 @@ def pose_loss(
     tc_weight: float = 0.5,
     velocity_weight: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The paper's seq2seq loss; returns (loss, {part: value}). With T == 1 (seq2frame) only wMPJPE counts."""
-    parts = {"wmpjpe": weighted_mpjpe(pred, target, valid)}
-    if pred.shape[1] > 1:
-        parts["tc"] = temporal_consistency(pred, valid)
-        parts["velocity"] = velocity_loss(pred, target, valid)
+    """The paper's seq2seq loss and its parts as floats (for logging; reading them syncs a GPU)."""
+    parts = loss_parts(pred, target, valid)
     loss = parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
     return loss, {k: float(v.detach()) for k, v in parts.items()}

@@ -53,12 +53,14 @@ def shard_windows(data: dict[str, np.ndarray], rank: int, world: int) -> dict[st
 
 def window_batch(data: dict[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, torch.Tensor]:
     """Rows of numpy windows -> a batch of tensors (pose_2d, conf_2d, pose_3d, valid) for h2ot.engine."""
-    return {k: torch.from_numpy(np.ascontiguousarray(data[k][rows])) for k in BATCH_COLUMNS}
+    return {k: torch.from_numpy(np.array(data[k][rows])) for k in BATCH_COLUMNS}  # a copy: the arrays may be read-only
 
 
 def evaluate(model: nn.Module, data: dict[str, np.ndarray], in_channels: int, batch_size: int = 64,
              test_flip: bool = True, device: torch.device | str | None = None) -> tuple[Any, dict[str, float]]:
-    """Run the model over windows -> (MetricAccumulator, {clips, seconds}). Restores the model's train mode.
+    """Run the model over windows -> (MetricAccumulator, {clips, seconds, nonfinite_clips}). Restores the model's
+    train mode. Batches with a NaN or infinite prediction are left out of the metrics and counted in
+    nonfinite_clips (the caller decides: a diverged run, a broken checkpoint).
 
     The model runs where it lives (`device`, if given, must be that device); the metrics are summed on the CPU."""
     from h2ot.engine import model_device
@@ -69,16 +71,19 @@ def evaluate(model: nn.Module, data: dict[str, np.ndarray], in_channels: int, ba
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
-    n = len(data["valid"])
+    n, nonfinite = len(data["valid"]), 0
     start = time.perf_counter()
     try:
         for i in range(0, n, batch_size):
             rows = slice(i, i + batch_size)
             pred, target, valid, _ = eval_batch(model, window_batch(data, rows), in_channels, test_flip)
+            if not bool(torch.isfinite(pred).all()):
+                nonfinite += len(pred)
+                continue
             acc.update(pred, target, valid, [str(a) for a in data["action"][rows]])
     finally:
         model.train(was_training)
-    return acc, {"clips": float(n), "seconds": time.perf_counter() - start}
+    return acc, {"clips": float(n), "seconds": time.perf_counter() - start, "nonfinite_clips": float(nonfinite)}
 
 
 def merge_sums(parts: list[dict[str, dict[str, float]]]) -> Any:

@@ -160,9 +160,7 @@ class EpochProgress:
 
     def line(self, m: dict[str, Any]) -> str:
         self.seconds.append(float(m.get("epoch_seconds", float("nan"))))
-        eta = (self.epochs - int(m["epoch"])) * sum(self.seconds) / len(self.seconds)
-        return (f"epoch {m['epoch']}/{self.epochs}  train loss {m['train/loss']:.4f}  val MPJPE "
-                f"{m['val/mpjpe_mm']:.1f} mm  {self.seconds[-1]:.1f} s/epoch  ETA {format_seconds(eta)}")
+        return progress_line(m, self.epochs, self.seconds)
 
     def fit(self, trainer: Any) -> Any:
         """trainer.fit(), printing each epoch's line as it arrives."""
@@ -185,6 +183,14 @@ class EpochProgress:
             done.set()
             thread.join(timeout=10)
             self.queue.shutdown()
+
+
+def progress_line(m: dict[str, Any], epochs: int, seconds: list[float]) -> str:
+    """One epoch's progress from rank 0's reported metrics; seconds: the epochs seen so far (ETA = their mean x
+    the epochs left)."""
+    eta = (epochs - int(m["epoch"])) * sum(seconds) / max(1, len(seconds))
+    return (f"epoch {m['epoch']}/{epochs}  train loss {m['train/loss']:.4f}  val MPJPE {m['val/mpjpe_mm']:.1f} mm  "
+            f"{seconds[-1]:.1f} s/epoch  ETA {format_seconds(eta)}")
 
 
 def format_seconds(seconds: float) -> str:

@@ -250,14 +250,19 @@ def check_collective_device(tensor: torch.Tensor) -> None:
         raise RuntimeError(f"the {backend} backend reduces CUDA tensors only; this one is on {tensor.device}")
 
 
+def epoch_totals(stats: dict[str, float], device: torch.device) -> torch.Tensor:
+    """[mean loss, clips/s, data wait s, train s, non-finite eval clips] of this rank, on its device (where its
+    backend reduces)."""
+    seconds = stats["wait_s"] + stats["busy_s"]
+    return torch.tensor([stats["loss"], stats["clips"] / seconds, stats["wait_s"], seconds,
+                         stats.get("nonfinite_clips", 0.0)], dtype=torch.float64, device=device)
+
+
 def sync_epoch(stats: dict[str, float], sums: dict[str, Any], world: int, device: torch.device
                ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The epoch's train figures over all ranks (loss: mean; clips/s, wait and time: sums) and every rank's
-    metric sums. The reduced tensor lives on the worker's device, as its backend needs."""
-    seconds = stats["wait_s"] + stats["busy_s"]
-    totals = torch.tensor([stats["loss"], stats["clips"] / seconds, stats["wait_s"], seconds],
-                          dtype=torch.float64, device=device)
-    gathered = [sums]
+    metric sums."""
+    totals, gathered = epoch_totals(stats, device), [sums]
     if world > 1:
         import torch.distributed as dist
 
@@ -265,8 +270,9 @@ def sync_epoch(stats: dict[str, float], sums: dict[str, Any], world: int, device
         dist.all_reduce(totals)
         gathered = [None] * world
         dist.all_gather_object(gathered, sums)
-    loss, clips_per_s, wait, seconds = totals.tolist()
-    return {"loss": loss / world, "clips_per_s": clips_per_s, "wait_s": wait, "seconds": seconds}, gathered
+    loss, clips_per_s, wait, seconds, nonfinite = totals.tolist()
+    return {"loss": loss / world, "clips_per_s": clips_per_s, "wait_s": wait, "seconds": seconds,
+            "nonfinite_clips": nonfinite}, gathered
 
 
 def validate(w: Worker, stats: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -277,7 +283,8 @@ def validate(w: Worker, stats: dict[str, float]) -> tuple[dict[str, Any], dict[s
     ocfg = w.cfg.optim
     acc, timing = evaluate(w.plain_model, w.test, w.cfg.model.in_channels, ocfg.eval_batch_size, ocfg.test_flip)
     local_seconds = stats["wait_s"] + stats["busy_s"]
-    stats, sums = sync_epoch(stats, plain_sums(acc), w.world, w.device)
+    stats, sums = sync_epoch({**stats, "nonfinite_clips": timing["nonfinite_clips"]}, plain_sums(acc), w.world,
+                             w.device)
     result = merge_sums(sums).result()
     metrics = {
         "epoch": w.epoch + 1, "step": w.global_step, "train/loss": stats["loss"],
@@ -289,11 +296,13 @@ def validate(w: Worker, stats: dict[str, float]) -> tuple[dict[str, Any], dict[s
         "epoch_seconds": local_seconds + timing["seconds"],
         "train_time_s": w.elapsed,  # cumulative training time (this rank, evaluation excluded), for equal-time views
     }
-    if not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/mpjpe_mm"])):
+    if stats["nonfinite_clips"] or not (math.isfinite(metrics["train/loss"]) and math.isfinite(
+            metrics["val/mpjpe_mm"])):
         raise Diverged(
             f"epoch {w.epoch + 1}: the run diverged (train loss {metrics['train/loss']}, val MPJPE "
-            f"{metrics['val/mpjpe_mm']} mm); its last checkpoint is epoch {w.epoch}. Lower optim.lr or set "
-            f"optim.grad_clip, then start a new run")
+            f"{metrics['val/mpjpe_mm']} mm, {stats['nonfinite_clips']:.0f} test clips with non-finite "
+            f"predictions); its last checkpoint is epoch {w.epoch}. Lower optim.lr or set optim.grad_clip, then "
+            f"start a new run")
     return metrics, result
 
 
