@@ -195,7 +195,7 @@ def test_a_diverged_epoch_stops_the_run(shards) -> None:
 
 
 def test_progress_line_names_epoch_loss_mpjpe_speed_and_eta() -> None:
-    from jobs.train import progress_line
+    from jobs.progress import progress_line
 
     line = progress_line({"epoch": 2, "train/loss": 0.1234, "val/mpjpe_mm": 85.04}, 10, [30.0, 34.0])
     assert line == "epoch 2/10  train loss 0.1234  val MPJPE 85.0 mm  34.0 s/epoch  ETA 4m16s"
