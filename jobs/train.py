@@ -2,7 +2,13 @@
 
 YAML -> `TrainConfig` (+ dotted overrides that mirror the YAML, `--set optim.epochs=2`) -> plain dict to Ray.
 The same command runs on a laptop (local `ray.init()`), against a running cluster (`RAY_ADDRESS`, or
-`ray job submit --working-dir . -- python -m jobs.train ...`), and on GPUs when the cluster has them.
+`ray job submit --working-dir . -- python -m jobs.train ...`), and on GPUs when the cluster can have them
+(scaling.use_gpu, else the autoscaler's declared GPU capacity: `resolve_use_gpu`).
+
+Runs are named by what they train plus a hash of the config and the shards (`resolve_name`); a run restarted
+under the same name resumes from its last checkpoint, and one whose checkpoint belongs to another config or other
+shards stops at once with one line (`TrainingStopped`), as a diverged run does. Each epoch prints one line on
+the driver (jobs.progress).
 
 Public API (used by Ray Tune trials and the demo):
     build_trainer(cfg, data_dir, out_dir, ...) -> TorchTrainer
