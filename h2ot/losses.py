@@ -51,26 +51,18 @@ def loss_parts(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     return parts
 
 
-def training_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    valid: torch.Tensor,
-    tc_weight: float = 0.5,
-    velocity_weight: float = 2.0,
-) -> torch.Tensor:
-    """The paper's seq2seq loss as one tensor, without reading any value back to the host (no device sync)."""
-    parts = loss_parts(pred, target, valid)
+def _combine(parts: dict[str, torch.Tensor], tc_weight: float, velocity_weight: float) -> torch.Tensor:
     return parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
 
 
-def pose_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    valid: torch.Tensor,
-    tc_weight: float = 0.5,
-    velocity_weight: float = 2.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+def training_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, tc_weight: float = 0.5,
+                  velocity_weight: float = 2.0) -> torch.Tensor:
+    """The paper's seq2seq loss as one tensor, without reading any value back to the host (no device sync)."""
+    return _combine(loss_parts(pred, target, valid), tc_weight, velocity_weight)
+
+
+def pose_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, tc_weight: float = 0.5,
+              velocity_weight: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The paper's seq2seq loss and its parts as floats (for logging; reading them syncs a GPU)."""
     parts = loss_parts(pred, target, valid)
-    loss = parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+    return _combine(parts, tc_weight, velocity_weight), {k: float(v.detach()) for k, v in parts.items()}
