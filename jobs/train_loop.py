@@ -298,11 +298,11 @@ def validate(w: Worker, stats: dict[str, float]) -> tuple[dict[str, Any], dict[s
     }
     if stats["nonfinite_clips"] or not (math.isfinite(metrics["train/loss"]) and math.isfinite(
             metrics["val/mpjpe_mm"])):
-        raise Diverged(
-            f"epoch {w.epoch + 1}: the run diverged (train loss {metrics['train/loss']}, val MPJPE "
-            f"{metrics['val/mpjpe_mm']} mm, {stats['nonfinite_clips']:.0f} test clips with non-finite "
-            f"predictions); its last checkpoint is epoch {w.epoch}. Lower optim.lr or set optim.grad_clip, then "
-            f"start a new run")
+        val = (f"{stats['nonfinite_clips']:.0f} test clips with NaN or infinite predictions"
+               if stats["nonfinite_clips"] else f"val MPJPE {metrics['val/mpjpe_mm']} mm")
+        last = f"its last checkpoint is epoch {w.epoch}" if w.epoch else "no checkpoint was written"
+        raise Diverged(f"epoch {w.epoch + 1}: the run diverged (train loss {metrics['train/loss']}, {val}); {last}. "
+                       "Lower optim.lr or set optim.grad_clip, then start a new run")
     return metrics, result
 
 
