@@ -57,17 +57,14 @@ def window_batch(data: dict[str, np.ndarray], rows: slice | np.ndarray) -> dict[
 
 
 def evaluate(model: nn.Module, data: dict[str, np.ndarray], in_channels: int, batch_size: int = 64,
-             test_flip: bool = True, device: torch.device | str | None = None) -> tuple[Any, dict[str, float]]:
+             test_flip: bool = True) -> tuple[Any, dict[str, float]]:
     """Run the model over windows -> (MetricAccumulator, {clips, seconds, nonfinite_clips}). Restores the model's
     train mode. Batches with a NaN or infinite prediction are left out of the metrics and counted in
     nonfinite_clips (the caller decides: a diverged run, a broken checkpoint).
 
-    The model runs where it lives (`device`, if given, must be that device); the metrics are summed on the CPU."""
-    from h2ot.engine import model_device
+    The model runs where it lives (h2ot.engine.eval_batch moves each batch there); metrics are summed on the CPU."""
     from h2ot.metrics import MetricAccumulator
 
-    if device is not None and torch.device(device) != model_device(model):
-        raise ValueError(f"evaluate: the model is on {model_device(model)}, not on {device}")
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
