@@ -147,11 +147,11 @@ def infer_sequence(
         pose = out.pose_3d.float().cpu().numpy().astype(np.float64)  # [B, T_out, J, 3]
         stages = [k.cpu().numpy() for k in out.kept_indices]  # each [B, n_s]
         stage_tokens = [int(k.shape[1]) for k in stages]
-        frame_idx = None if out.frame_indices is None else out.frame_indices.cpu().numpy()
+        frame_idx = out.frame_indices.cpu().numpy()
         for b, s in enumerate(starts):
             kept.append([np.sort(k[b]) for k in stages])
             if cfg.seq2frame:  # the output frame that is the window's centre (eval mode returns only that one)
-                centre = 0 if frame_idx is None else int(np.argmax(frame_idx[b] == cfg.frames // 2))
+                centre = int(np.argmax(frame_idx[b] == cfg.frames // 2))
                 poses_seq2frame.append(pose[b, centre])
             else:
                 if pose.shape[1] != cfg.frames:
@@ -167,6 +167,10 @@ def infer_sequence(
     else:
         poses = (total / weight_sum[:, None, None])[plan.pad_left : plan.pad_left + plan.frames]
     poses = poses - poses[:, ROOT_JOINT : ROOT_JOINT + 1]
+    bad_frames = int((~np.isfinite(poses)).any(axis=(1, 2)).sum())
+    if bad_frames:
+        raise ValueError(f"the model produced NaN or infinite 3D poses for {bad_frames} of {len(poses)} frames; "
+                         "its weights or the keypoints are broken")
     return InferenceResult(
         poses_3d=poses.astype(np.float32), plan=plan, seq2frame=cfg.seq2frame, test_flip=test_flip,
         device=str(device), seconds=seconds, stage_tokens=stage_tokens,

@@ -45,10 +45,12 @@ class Attention(nn.Module):
         if attn_sink is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         else:
-            weights = (q @ k.transpose(-2, -1) * (dim // self.heads) ** -0.5).softmax(dim=-1)  # [N, H, L, L]
+            # q scaled before the product (as SDPA does): unscaled logits of wide heads can pass float16's 65504
+            logits = (q * (dim // self.heads) ** -0.5) @ k.transpose(-2, -1)  # [N, H, L, L]
+            weights = logits.softmax(dim=-1, dtype=torch.float32)
             received = weights.detach().sum(dim=(1, 2))  # [N, L]: attention each key token receives
             attn_sink[ATTENTION_RECEIVED] = attn_sink.get(ATTENTION_RECEIVED, 0) + received
-            out = F.dropout(weights, p) @ v
+            out = F.dropout(weights, p).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 

@@ -42,17 +42,27 @@ def velocity_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor)
     return _masked_mean(err, step_valid)
 
 
-def pose_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    valid: torch.Tensor,
-    tc_weight: float = 0.5,
-    velocity_weight: float = 2.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The paper's seq2seq loss; returns (loss, {part: value}). With T == 1 (seq2frame) only wMPJPE counts."""
+def loss_parts(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{wmpjpe, tc, velocity} as tensors on pred's device; with T == 1 (seq2frame) only wmpjpe."""
     parts = {"wmpjpe": weighted_mpjpe(pred, target, valid)}
     if pred.shape[1] > 1:
         parts["tc"] = temporal_consistency(pred, valid)
         parts["velocity"] = velocity_loss(pred, target, valid)
-    loss = parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
-    return loss, {k: float(v.detach()) for k, v in parts.items()}
+    return parts
+
+
+def _combine(parts: dict[str, torch.Tensor], tc_weight: float, velocity_weight: float) -> torch.Tensor:
+    return parts["wmpjpe"] + tc_weight * parts.get("tc", 0.0) + velocity_weight * parts.get("velocity", 0.0)
+
+
+def training_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, tc_weight: float = 0.5,
+                  velocity_weight: float = 2.0) -> torch.Tensor:
+    """The paper's seq2seq loss as one tensor, without reading any value back to the host (no device sync)."""
+    return _combine(loss_parts(pred, target, valid), tc_weight, velocity_weight)
+
+
+def pose_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, tc_weight: float = 0.5,
+              velocity_weight: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The paper's seq2seq loss and its parts as floats (for logging; reading them syncs a GPU)."""
+    parts = loss_parts(pred, target, valid)
+    return _combine(parts, tc_weight, velocity_weight), {k: float(v.detach()) for k, v in parts.items()}

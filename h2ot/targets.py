@@ -33,8 +33,6 @@ def select_targets(
     """
     b, t = pose_3d.shape[:2]
     indices = output.frame_indices
-    if indices is None:
-        indices = torch.arange(t, device=pose_3d.device).expand(b, t)
     if indices.shape != output.pose_3d.shape[:2]:
         raise ValueError(f"frame_indices {tuple(indices.shape)} do not match pose_3d {tuple(output.pose_3d.shape)}")
     if valid is None:

@@ -37,7 +37,8 @@ def _variants(preset: str) -> dict:
     }
 
 
-def run_bench(preset: str, repeats: int, warmup: int, threads: int | None, batch: int = 1) -> dict:
+def run_bench(preset: str, repeats: int, warmup: int, threads: int | None, batch: int = 1,
+              device: str = "cpu") -> dict:
     import torch
     from tqdm import tqdm
 
@@ -48,8 +49,11 @@ def run_bench(preset: str, repeats: int, warmup: int, threads: int | None, batch
         torch.set_num_threads(threads)
     cfgs = _variants(preset)
     models = {name: build_model(cfg).eval() for name, cfg in cfgs.items()}
-    flops = {name: model_gflops(models[name], cfgs[name]) for name in models}
-    x = torch.randn(batch, cfgs["full"].frames, cfgs["full"].joints, cfgs["full"].in_channels)
+    flops = {name: model_gflops(models[name], cfgs[name]) for name in models}  # counted on the CPU
+    dev = torch.device(device)
+    models = {name: model.to(dev) for name, model in models.items()}
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # time the kernels, not their launch
+    x = torch.randn(batch, cfgs["full"].frames, cfgs["full"].joints, cfgs["full"].in_channels, device=dev)
     times: dict[str, list[float]] = {name: [] for name in models}
     progress = tqdm(total=warmup + repeats, desc=f"bench {preset}", unit="rep", file=sys.stderr)
     with torch.inference_mode(), progress:
@@ -57,6 +61,7 @@ def run_bench(preset: str, repeats: int, warmup: int, threads: int | None, batch
             for name, model in models.items():
                 start = time.perf_counter()
                 model(x)
+                sync()
                 if rep >= warmup:
                     times[name].append(time.perf_counter() - start)
             progress.update(1)
@@ -80,6 +85,7 @@ def run_bench(preset: str, repeats: int, warmup: int, threads: int | None, batch
     out["speedup_efficiency"] = round(out["throughput_ratio"] * out["flops_ratio"], 4)
     out["repeats"] = repeats
     out["torch_threads"] = torch.get_num_threads()
+    out["device"] = str(dev)
     return out
 
 
@@ -94,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--batch", type=int, default=1, help="clips per forward (default 1: one video, online)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
     preset = args.preset or (f"{args.model}_small" if args.small else args.model)
     repeats = args.repeats or (5 if preset in MODELS else 20)
-    result = run_bench(preset, repeats, args.warmup, args.threads, args.batch)
+    result = run_bench(preset, repeats, args.warmup, args.threads, args.batch, args.device)
     if args.json:
         print(json.dumps(result))
     else:

@@ -19,37 +19,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.ray_session import connect
 from jobs._common import add_output_flags, friendly_errors, require_shards, setup_logging
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mixste_small.yaml"
 
 
-def plain_step(model: Any, optimizer: Any, batch: dict[str, Any], cfg: Any, gen: Any) -> Any:
-    """One single-process training step on a batch of TRAIN_COLUMNS tensors: flip augmentation, the config's
-    weighted loss, gradient clipping, optimizer step. Returns the loss (detached)."""
-    import torch
-
-    from h2ot.losses import pose_loss
-    from jobs.evaluation import model_input
-    from jobs.train_loop import flip_half
-
-    x, y = flip_half(model_input(batch["pose_2d"], batch["conf_2d"], cfg.model.in_channels), batch["pose_3d"], gen)
-    loss, _ = pose_loss(model(x).pose_3d, y, batch["valid"], cfg.loss.tc_weight, cfg.loss.velocity_weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    optimizer.step()
-    return loss.detach()
-
-
 def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads: int = 2) -> dict[str, float]:
-    """Single-process PyTorch: AdamW on the weighted loss with flip augmentation, `threads` intra-op threads."""
+    """Single-process PyTorch: the training step of the Ray loop (h2ot.engine.train_step: flip augmentation,
+    weighted loss on the output frames' targets, clipping) with AdamW, `threads` intra-op threads."""
     import numpy as np
     import torch
 
+    from h2ot.engine import train_step
     from h2ot.models import build_model
-    from jobs.train_loop import TRAIN_COLUMNS, seed_everything
+    from jobs.train_loop import TRAIN_COLUMNS, seed_everything, step_settings
     from pipelines.shards import read_split
 
     torch.set_num_threads(threads)
@@ -58,6 +43,8 @@ def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads:
     model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     gen = torch.Generator().manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    settings = step_settings(cfg, torch.device("cpu"))
     rng = np.random.default_rng(0)
     order = rng.permutation(len(data["valid"]))
     bs = cfg.optim.batch_size
@@ -67,7 +54,7 @@ def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads:
         idx = np.sort(order[(step * bs) % (len(order) - bs):][:bs])
         batch = {k: torch.from_numpy(np.ascontiguousarray(data[k][idx])).float() for k in TRAIN_COLUMNS}
         t1 = time.perf_counter()
-        plain_step(model, opt, batch, cfg, gen)
+        train_step(model, batch, opt, scaler, settings, gen)
         t2 = time.perf_counter()
         if step >= warmup:
             wait, busy = wait + t1 - t0, busy + t2 - t1
@@ -104,9 +91,7 @@ def run_bench(config: str | Path, data_dir: str | Path, steps: int, epochs: int,
                                      "frames": cfg.model.frames, "schedule": cfg.model.schedule}}
     out["plain"] = plain_loop(cfg, data_dir, steps, warmup)
     log.info("plain loop: %s", out["plain"])
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    connect("local", num_cpus=2, dashboard=False, env_vars={"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
     for w in workers:
         out[f"ray_{w}w"] = ray_loop(cfg, data_dir, w, steps, epochs)
         log.info("ray %d workers: %s", w, out[f"ray_{w}w"])

@@ -2,8 +2,8 @@
 
 Prints ONE JSON object: mpjpe_mm, p_mpjpe_mm, mpjve_mm (valid frames only, test-time flip unless --no-flip),
 frames (valid frames counted), per_action, gflops (Linear layers, the papers' convention) and gflops_total
-(FlopCounterMode + pruning), clips_per_s (inference, batch --batch-size, this process), plus the checkpoint's
-manifest hash and whether it matches the shards'.
+(FlopCounterMode + pruning), clips_per_s (inference on --device, batch --batch-size, this process), plus the
+checkpoint's manifest hash and whether it matches the shards'.
 """
 
 from __future__ import annotations
@@ -17,9 +17,25 @@ from typing import Any
 from jobs._common import UserError, add_output_flags, friendly_errors, setup_logging
 
 
+def resolve_device(device: str) -> Any:
+    """--device as a torch.device ("auto": CUDA when present); a clear error for one this machine lacks."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {device}: not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); "
+                        "use --device cpu")
+    return dev
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str = "test", *,
                         test_flip: bool = True, batch_size: int = 64, max_windows: int | None = None,
-                        threads: int | None = None) -> dict[str, Any]:
+                        threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """Metrics of a checkpoint on a shard folder's split (see the module docstring for the keys)."""
     import torch
 
@@ -30,6 +46,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
 
     if threads:
         torch.set_num_threads(threads)
+    dev = resolve_device(device)
     model, payload = load_checkpoint(checkpoint)
     from h2ot.config import config_from_dict
 
@@ -40,9 +57,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     except ShardMismatch as e:
         raise UserError(f"{checkpoint}: {e}") from None
     data = load_windows(data_dir, split, max_windows)
-    acc, timing = evaluate(model, data, mcfg.in_channels, batch_size, test_flip)
+    flops = model_gflops(model, mcfg)  # on the CPU, before the model moves
+    acc, timing = evaluate(model.to(dev), data, mcfg.in_channels, batch_size, test_flip)
+    if timing["nonfinite_clips"]:
+        raise UserError(f"{checkpoint}: the model predicts NaN or infinite poses for {timing['nonfinite_clips']:.0f}"
+                        f" of {timing['clips']:.0f} clips of {data_dir}; the checkpoint cannot be evaluated")
     result = acc.result()
-    flops = model_gflops(model, mcfg)
     meta = payload.get("meta", {})
     return {
         "mpjpe_mm": result["mpjpe_mm"],
@@ -58,6 +78,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
         "split": split,
         "data": str(data_dir),
         "checkpoint": str(checkpoint),
+        "device": str(dev),
         "model": {"backbone": mcfg.backbone, "frames": mcfg.frames, "dim": mcfg.dim, "depth": mcfg.depth,
                   "schedule": mcfg.schedule, **({"tpm": mcfg.tpm, "trm": mcfg.trm} if mcfg.schedule else {})},
         "manifest_hash": meta.get("manifest_hash"),
@@ -76,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-windows", type=int, default=None, help="evenly spaced subset of windows (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (CUDA when present); default cpu")
     add_output_flags(p, "print one JSON object (default: a short summary)")
     return p.parse_args(argv)
 
@@ -88,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--checkpoint {args.checkpoint}: no such file")
     try:
         out = evaluate_checkpoint(args.checkpoint, args.data, args.split, test_flip=not args.no_flip,
-                                  batch_size=args.batch_size, max_windows=args.max_windows, threads=args.threads)
+                                  batch_size=args.batch_size, max_windows=args.max_windows, threads=args.threads,
+                                  device=args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
     if args.json:

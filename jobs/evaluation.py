@@ -16,22 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-EVAL_COLUMNS = ["pose_2d", "conf_2d", "pose_3d", "valid", "action"]
+from h2ot.engine import ShardMismatch, eval_batch
 
-
-class ShardMismatch(ValueError):
-    """The shards do not fit the model (window length, input channels)."""
-
-
-def model_input(pose_2d: torch.Tensor, conf_2d: torch.Tensor | None, in_channels: int) -> torch.Tensor:
-    """[B, T, J, 2] (+ confidence [B, T, J]) -> the model's [B, T, J, in_channels] input."""
-    if in_channels == 2:
-        return pose_2d
-    if in_channels == 3:
-        if conf_2d is None:
-            raise ShardMismatch("the model takes (x, y, confidence) input but no conf_2d was given")
-        return torch.cat([pose_2d, conf_2d.unsqueeze(-1).to(pose_2d.dtype)], dim=-1)
-    raise ShardMismatch(f"model.in_channels must be 2 or 3, got {in_channels}")
+__all__ = ["ShardMismatch", "check_frames", "evaluate", "load_windows", "merge_sums", "plain_sums", "shard_windows",
+           "skeleton_figure", "window_batch"]
+BATCH_COLUMNS = ("pose_2d", "conf_2d", "pose_3d", "valid")  # the tensors of a batch (h2ot.engine)
+EVAL_COLUMNS = [*BATCH_COLUMNS, "action"]
 
 
 def check_frames(data_frames: int, model_frames: int, where: str) -> None:
@@ -61,33 +51,36 @@ def shard_windows(data: dict[str, np.ndarray], rank: int, world: int) -> dict[st
     return {k: v[rank::world] for k, v in data.items()}
 
 
-@torch.no_grad()
+def window_batch(data: dict[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows of numpy windows -> a batch of tensors (pose_2d, conf_2d, pose_3d, valid) for h2ot.engine."""
+    return {k: torch.from_numpy(np.array(data[k][rows])) for k in BATCH_COLUMNS}  # a copy: the arrays may be read-only
+
+
 def evaluate(model: nn.Module, data: dict[str, np.ndarray], in_channels: int, batch_size: int = 64,
-             test_flip: bool = True, device: torch.device | str = "cpu") -> tuple[Any, dict[str, float]]:
-    """Run the model over windows -> (MetricAccumulator, {clips, seconds}). Restores the model's train mode."""
+             test_flip: bool = True) -> tuple[Any, dict[str, float]]:
+    """Run the model over windows -> (MetricAccumulator, {clips, seconds, nonfinite_clips}). Restores the model's
+    train mode. Batches with a NaN or infinite prediction are left out of the metrics and counted in
+    nonfinite_clips (the caller decides: a diverged run, a broken checkpoint).
+
+    The model runs where it lives (h2ot.engine.eval_batch moves each batch there); metrics are summed on the CPU."""
     from h2ot.metrics import MetricAccumulator
-    from h2ot.models import predict
 
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
-    n = len(data["valid"])
+    n, nonfinite = len(data["valid"]), 0
     start = time.perf_counter()
     try:
         for i in range(0, n, batch_size):
-            x2 = torch.from_numpy(data["pose_2d"][i : i + batch_size]).to(device)
-            conf = torch.from_numpy(data["conf_2d"][i : i + batch_size]).to(device) if in_channels == 3 else None
-            out = predict(model, model_input(x2, conf, in_channels), test_flip=test_flip)
-            target = torch.from_numpy(data["pose_3d"][i : i + batch_size])
-            valid = torch.from_numpy(data["valid"][i : i + batch_size]).bool()
-            fi = out.frame_indices.cpu() if out.frame_indices is not None else None
-            if fi is not None and fi.shape[1] != target.shape[1]:
-                target = torch.gather(target, 1, fi[:, :, None, None].expand(-1, -1, *target.shape[2:]))
-                valid = torch.gather(valid, 1, fi)
-            acc.update(out.pose_3d.float().cpu(), target, valid, [str(a) for a in data["action"][i : i + batch_size]])
+            rows = slice(i, i + batch_size)
+            pred, target, valid, _ = eval_batch(model, window_batch(data, rows), in_channels, test_flip)
+            if not bool(torch.isfinite(pred).all()):
+                nonfinite += len(pred)
+                continue
+            acc.update(pred, target, valid, [str(a) for a in data["action"][rows]])
     finally:
         model.train(was_training)
-    return acc, {"clips": float(n), "seconds": time.perf_counter() - start}
+    return acc, {"clips": float(n), "seconds": time.perf_counter() - start, "nonfinite_clips": float(nonfinite)}
 
 
 def merge_sums(parts: list[dict[str, dict[str, float]]]) -> Any:

@@ -2,7 +2,13 @@
 
 YAML -> `TrainConfig` (+ dotted overrides that mirror the YAML, `--set optim.epochs=2`) -> plain dict to Ray.
 The same command runs on a laptop (local `ray.init()`), against a running cluster (`RAY_ADDRESS`, or
-`ray job submit --working-dir . -- python -m jobs.train ...`), and on GPUs when the cluster has them.
+`ray job submit --working-dir . -- python -m jobs.train ...`), and on GPUs when the cluster can have them
+(scaling.use_gpu, else the autoscaler's declared GPU capacity: `resolve_use_gpu`).
+
+Runs are named by what they train plus a hash of the config and the shards (`resolve_name`); a run restarted
+under the same name resumes from its last checkpoint, and one whose checkpoint belongs to another config or other
+shards stops at once with one line (`TrainingStopped`), as a diverged run does. Each epoch prints one line on
+the driver (jobs.progress).
 
 Public API (used by Ray Tune trials and the demo):
     build_trainer(cfg, data_dir, out_dir, ...) -> TorchTrainer
@@ -14,6 +20,7 @@ result.json, mlflow.db (unless MLFLOW_TRACKING_URI is set), ray/ (checkpoints, u
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -22,13 +29,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cluster.ray_session import connect
 from jobs._common import UserError, add_output_flags, friendly_errors, require_shards, setup_logging
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RESULT_FILE = "result.json"
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # worker prints once, not twice (ECOSYSTEM.md)
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # Ray Train's print patch would show each worker print twice
 
 
 def apply_worker_env() -> None:
@@ -65,10 +73,31 @@ def check_shards(cfg: Any, data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def loop_config(cfg: Any, data_dir: str | Path, *, mlflow: dict[str, str] | None = None,
-                fail_at_step: int | None = None) -> dict[str, Any]:
-    """The plain dict the train loop receives (see jobs.train_loop)."""
+HASHED_SECTIONS = ("model", "optim", "loss")  # what decides the trained weights (not scaling, not run settings)
+
+
+def config_hash(cfg: Any) -> str:
+    """sha256 of the config sections that decide what is trained (HASHED_SECTIONS), key order independent."""
     from h2ot.config import to_dict
+
+    d = to_dict(cfg)
+    return hashlib.sha256(json.dumps({k: d[k] for k in HASHED_SECTIONS}, sort_keys=True).encode()).hexdigest()
+
+
+def run_hash(cfg: Any, data_dir: str | Path) -> str:
+    """8 hex digits of config + shards: the default run name's suffix, so another config never resumes."""
+    from pipelines.shards import manifest_hash
+
+    return hashlib.sha256(f"{config_hash(cfg)}:{manifest_hash(data_dir)}".encode()).hexdigest()[:8]
+
+
+def loop_config(cfg: Any, data_dir: str | Path, *, mlflow: dict[str, str] | None = None,
+                fail_at_step: int | None = None, gflops: dict[str, float] | None = None) -> dict[str, Any]:
+    """The plain dict the train loop receives (see jobs.train_loop). The FLOPs are counted here, once, unless
+    given: not on rank 0 while the other ranks wait for it."""
+    from h2ot.config import to_dict
+    from h2ot.flops import model_gflops
+    from h2ot.models import build_model
     from jobs.tracking import git_revision
     from pipelines.shards import manifest_hash
 
@@ -76,19 +105,39 @@ def loop_config(cfg: Any, data_dir: str | Path, *, mlflow: dict[str, str] | None
         "cfg": to_dict(cfg),
         "data_dir": str(Path(data_dir).resolve()),
         "manifest_hash": manifest_hash(data_dir),
+        "config_hash": config_hash(cfg),
+        "gflops": gflops if gflops is not None else model_gflops(build_model(cfg.model), cfg.model),
         "git_rev": git_revision(),
         "mlflow": mlflow,
         "fail_at_step": fail_at_step,
     }
 
 
-def resolve_use_gpu(cfg: Any) -> bool:
-    """scaling.use_gpu, or (None) whether the connected cluster has a GPU."""
-    if cfg.scaling.use_gpu is not None:
-        return bool(cfg.scaling.use_gpu)
+def cluster_gpu_capacity() -> float:
+    """GPUs the connected Ray cluster can have: the autoscaler's declared maximum (node groups x max replicas),
+    else (no autoscaler: a fixed cluster) the GPUs it has. 0 when Ray is not connected."""
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    if not ray.is_initialized():
+        return 0.0
+    from ray._private.state import state  # what Ray Train itself reads to size a worker group
+
+    declared = state.get_max_resources_from_cluster_config()
+    if declared:
+        return float(declared.get("GPU", 0))
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def resolve_use_gpu(use_gpu: bool | None) -> bool:
+    """scaling.use_gpu when set; None: whether the cluster can have GPUs (`cluster_gpu_capacity`), so an
+    autoscaling GPU group that starts at 0 replicas still trains on GPUs."""
+    if use_gpu is not None:
+        return bool(use_gpu)
+    return cluster_gpu_capacity() > 0
+
+
+class TrainingStopped(UserError):
+    """The run ended on an error a retry cannot fix (the train loop's message)."""
 
 
 def setup_mlflow(cfg: Any, data_dir: str | Path, out_dir: str | Path, name: str,
@@ -123,11 +172,12 @@ def train_dataset(data_dir: str | Path, materialize: bool = True, seed: int | No
 
 
 def resolve_name(cfg: Any, data_dir: str | Path, name: str | None = None) -> str:
-    """The run's name: explicit, else run.name, else what was trained (jobs.tracking.run_name)."""
+    """The run's name: explicit, else run.name, else what was trained (jobs.tracking.run_name) and a hash of the
+    whole config and the shards (`run_hash`): a changed lr or other shards start a new run, never resume one."""
     from h2ot.config import to_dict
     from jobs.tracking import run_name
 
-    return name or cfg.run.name or run_name(to_dict(cfg), data_dir)
+    return name or cfg.run.name or f"{run_name(to_dict(cfg), data_dir)}-{run_hash(cfg, data_dir)}"
 
 
 def build_trainer(
@@ -141,31 +191,30 @@ def build_trainer(
     parent_run_id: str | None = None,
     callbacks: list[Any] | None = None,
     fail_at_step: int | None = None,
+    gflops: dict[str, float] | None = None,
 ) -> Any:
     """A TorchTrainer for `cfg` on the shards of `data_dir`; checkpoints under storage_path/name.
 
     mlflow: True (create a run, see jobs.tracking), False (no tracking), or {uri, run_id} of an existing run.
     callbacks: Ray Train UserCallbacks (e.g. Tune's TuneReportCallback). Connects to Ray if needed.
+    On GPUs the process group is "cpu:gloo,cuda:nccl": NCCL for CUDA tensors (DDP), gloo for CPU objects.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from jobs.train_loop import train_loop_per_worker
 
     check_shards(cfg, data_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        # "local": a fresh single-node instance, never a cluster some other `ray start` left on this host
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", runtime_env={"env_vars": WORKER_ENV})
+    connect(env_vars=WORKER_ENV)  # RAY_ADDRESS, else a fresh local instance
     name = resolve_name(cfg, data_dir, name)
     tracking = None
     if mlflow is True:
         tracking = setup_mlflow(cfg, data_dir, out_dir, name, parent_run_id)
     elif isinstance(mlflow, dict):
         tracking = dict(mlflow)
-    use_gpu = resolve_use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -175,9 +224,10 @@ def build_trainer(
     train_ds = train_dataset(data_dir, seed=cfg.optim.seed)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, data_dir, mlflow=tracking, fail_at_step=fail_at_step),
+        train_loop_config=loop_config(cfg, data_dir, mlflow=tracking, fail_at_step=fail_at_step, gflops=gflops),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources),
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl") if use_gpu else None,
         run_config=RunConfig(
             name=name,
             storage_path=storage_path or default_storage_path(cfg, out_dir),
@@ -211,25 +261,38 @@ def export_best_model(result: Any, out_dir: str | Path) -> Path | None:
     return target
 
 
-def run_training(cfg: Any, data_dir: str | Path, out_dir: str | Path, **trainer_kwargs: Any) -> dict[str, Any]:
+def run_training(cfg: Any, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
+                 **trainer_kwargs: Any) -> dict[str, Any]:
     """Train (or resume) and export: -> {metrics (last checkpoint's), best, model_path, checkpoint_path,
-    run_path, mlflow}. Raises RuntimeError when the run failed after its retries."""
+    run_path, mlflow}. progress: each epoch's line on stderr (EpochProgress). Raises RuntimeError when the run
+    failed after its retries, TrainingStopped when it ended on an error a retry cannot fix."""
     import torch
 
+    check_shards(cfg, data_dir)  # before Ray starts: a mismatch is one line, not a failed run
     if trainer_kwargs.get("mlflow", True) is True:
-        check_shards(cfg, data_dir)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         name = resolve_name(cfg, data_dir, trainer_kwargs.get("name"))
         trainer_kwargs["mlflow"] = setup_mlflow(cfg, data_dir, out_dir, name, trainer_kwargs.pop("parent_run_id", None))
+    watcher = None
+    if progress:
+
+        connect(env_vars=WORKER_ENV)
+        from jobs.progress import EpochProgress
+
+        watcher = EpochProgress(cfg.optim.epochs)
+        trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), watcher.callback()]
     trainer = build_trainer(cfg, data_dir, out_dir, **trainer_kwargs)
-    result = trainer.fit()
+    result = watcher.fit(trainer) if watcher is not None else trainer.fit()
+    stopped = (result.return_value or {}).get("stopped") if isinstance(result.return_value, dict) else None
     tracking = trainer_kwargs.get("mlflow")
     if isinstance(tracking, dict):  # the driver created the run, so the driver ends it (rank 0 only logs)
         from jobs.tracking import end_run
 
-        end_run(tracking, failed=result.error is not None)
+        end_run(tracking, failed=result.error is not None or stopped is not None)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
+    if stopped:
+        raise TrainingStopped(f"training stopped: {stopped}")
     model_path = export_best_model(result, out_dir)
     best = None
     if model_path is not None:

@@ -4,11 +4,16 @@ It touches Ray only through `ray.train` (`get_context`, `get_dataset_shard`, `re
 `ray.train.torch` (device, DDP wrapping). Per epoch: at most `optim.steps_per_epoch` steps of AdamW on the paper's
 weighted loss (flip augmentation, gradient clipping, AMP on GPU), exponential lr decay, evaluation on the test
 split (shared over the ranks), then `ray.train.report(metrics, checkpoint)` with the full training state. A
-restart (failure, or the same run name again) resumes from `get_checkpoint()` and skips finished epochs.
+restart (failure, or the same run name again) resumes from `get_checkpoint()` and skips finished epochs, after
+checking that the checkpoint was written for the same config and shards (their hashes are in each checkpoint).
+
+The step itself is `h2ot.engine.train_step`, the evaluation `h2ot.engine.eval_batch` (via jobs.evaluation).
+Errors a retry cannot fix (another run's checkpoint, a bad config, divergence) end the loop with
+{"stopped": message} instead of an exception, so FailureConfig does not retry them; the driver reports them.
 
 `config` (plain dict, see `jobs.train.loop_config`): cfg (TrainConfig as a dict), data_dir, manifest_hash,
-git_rev, mlflow {uri, run_id} or None, fail_at_step (fault injection for tests: raise at that global step,
-only while no checkpoint was restored).
+config_hash, gflops (counted once by the driver), git_rev, mlflow {uri, run_id} or None, fail_at_step (fault
+injection for tests: raise at that global step, only while no checkpoint was restored).
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from h2ot.config import ConfigError
+from h2ot.engine import ShardMismatch, StepSettings, eval_batch, train_step
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +56,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def flip_half(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror a random half of the clips (input x [B, T, J, C] and target y [B, T, J, 3] together)."""
-    from h2ot.skeleton import flip_pose
-
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(mask, flip_pose(x), x), torch.where(mask, flip_pose(y), y)
-
-
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: Any) -> tuple[Any, bool]:
     """(scheduler, per_step): "exponential" steps once per epoch, "cosine" once per training step.
 
@@ -63,9 +65,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: Any) -> tuple[Any
     if ocfg.lr_schedule == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=ocfg.lr_decay), False
     if ocfg.lr_schedule != "cosine":
-        raise ValueError(f"optim.lr_schedule: unknown schedule {ocfg.lr_schedule!r}; known: exponential, cosine")
+        raise ConfigError(f"optim.lr_schedule: unknown schedule {ocfg.lr_schedule!r}; known: exponential, cosine")
     if not ocfg.steps_per_epoch:
-        raise ValueError("optim.lr_schedule=cosine needs optim.steps_per_epoch (the run's length in steps)")
+        raise ConfigError("optim.lr_schedule=cosine needs optim.steps_per_epoch (the run's length in steps)")
     total, warmup = ocfg.epochs * ocfg.steps_per_epoch, max(0, ocfg.warmup_steps)
 
     def factor(step: int) -> float:
@@ -76,193 +78,306 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: Any) -> tuple[Any
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
 
 
-def _state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return getattr(model, "module", model).state_dict()
+class RunStopped(RuntimeError):
+    """An error a retry cannot fix (another run's checkpoint, divergence): the loop returns {"stopped": message}
+    instead of raising, so Ray Train's FailureConfig does not restart it; the driver turns it into one line."""
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+class ConfigMismatch(RunStopped):
+    """The checkpoint to resume belongs to another config or other shards."""
+
+
+class Diverged(RunStopped):
+    """The training loss or the validation error is no longer finite."""
+
+
+NON_RETRYABLE = (RunStopped, ConfigError, ShardMismatch)
+
+
+def step_settings(cfg: Any, device: torch.device) -> StepSettings:
+    """The engine's step settings of a TrainConfig; AMP only on CUDA."""
+    return StepSettings(in_channels=cfg.model.in_channels, tc_weight=cfg.loss.tc_weight,
+                        velocity_weight=cfg.loss.velocity_weight, grad_clip=cfg.optim.grad_clip,
+                        flip_augment=cfg.optim.flip_augment, amp=bool(cfg.optim.amp) and device.type == "cuda")
+
+
+@dataclass
+class Worker:
+    """Everything one rank trains with, and where it stands (epoch is the next epoch to train)."""
+
+    config: dict[str, Any]
+    cfg: Any
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    schedule_per_step: bool
+    scaler: torch.amp.GradScaler
+    settings: StepSettings
+    gen: torch.Generator
+    best_dir: Path
+    epoch: int = 0
+    global_step: int = 0
+    elapsed: float = 0.0
+    restored: bool = False
+    best: dict[str, Any] = field(default_factory=lambda: {"val/mpjpe_mm": math.inf})
+    test: dict[str, np.ndarray] = field(default_factory=dict)
+    tracker: Any = None
+
+    @property
+    def plain_model(self) -> torch.nn.Module:
+        return getattr(self.model, "module", self.model)
+
+
+def setup_worker(config: dict[str, Any], rank: int, world: int, device: torch.device,
+                 prepare_model: Callable[[torch.nn.Module], torch.nn.Module]) -> Worker:
+    """Seeded model (wrapped by `prepare_model`, e.g. Ray's DDP), AdamW, lr schedule and AMP scaler on `device`.
+
+    No FLOPs counting here: the driver counts them once (config["gflops"]), so no rank keeps the others waiting."""
+    from h2ot.config import config_from_dict
+    from h2ot.models import build_model
+
+    cfg = config_from_dict(config["cfg"], "train")
+    torch.set_num_threads(max(1, cfg.scaling.torch_threads))
+    seed_everything(cfg.optim.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = prepare_model(build_model(cfg.model))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler, per_step = build_lr_scheduler(optimizer, cfg.optim)
+    settings = step_settings(cfg, device)
+    return Worker(config, cfg, rank, world, device, model, optimizer, scheduler, per_step,
+                  torch.amp.GradScaler(device.type, enabled=settings.amp), settings,
+                  torch.Generator().manual_seed(cfg.optim.seed * 1000 + rank),
+                  Path(tempfile.mkdtemp(prefix="h2ot-best-")))
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Load an AMP scaler's state unless it is empty: a run saved where AMP was off (CPU) resumes on a GPU."""
+    if state:
+        scaler.load_state_dict(state)
+
+
+def check_same_run(state: dict[str, Any], config: dict[str, Any], where: str) -> None:
+    """ConfigMismatch unless the checkpoint was written for this config and these shards (older checkpoints
+    without hashes are resumed with a warning)."""
+    for key, what in (("config_hash", "config (model, optim, loss)"), ("manifest_hash", "shards")):
+        saved, now = state.get(key), config.get(key)
+        if saved is None:
+            log.warning("%s: the checkpoint holds no %s; cannot check that it belongs to this run", where, key)
+        elif saved != now:
+            raise ConfigMismatch(
+                f"{where}: this run name already holds a run with another {what} ({key} {str(saved)[:12]} != "
+                f"{str(now)[:12]}); choose another run name (run.name), or leave it unset for one derived from the "
+                f"config and data, or delete that run's folder")
+
+
+def restore(w: Worker, checkpoint: Any) -> None:
+    """Resume from a Ray Train checkpoint: weights, optimizer, schedule, scaler, counters, best model file."""
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location=w.device, weights_only=True)
+        check_same_run(state, w.config, str(checkpoint.path))
+        if (Path(d) / BEST_MODEL_FILE).is_file():
+            shutil.copy(Path(d) / BEST_MODEL_FILE, w.best_dir / BEST_MODEL_FILE)
+    w.plain_model.load_state_dict(state["model"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.scheduler.load_state_dict(state["scheduler"])
+    restore_scaler(w.scaler, state["scaler"])
+    w.epoch, w.global_step, w.best = int(state["epoch"]) + 1, int(state["global_step"]), dict(state["best"])
+    w.elapsed, w.restored = float(state.get("elapsed_s", 0.0)), True
+    log.info("rank %d: resumed after epoch %d (step %d)", w.rank, w.epoch, w.global_step)
+
+
+def start_epochs(w: Worker) -> None:
+    """Before the first epoch of this attempt: this rank's test windows; rank 0's MLflow run and parameters."""
+    from h2ot.config import to_dict
+    from jobs.evaluation import check_frames, load_windows, shard_windows
+
+    data_dir = w.config["data_dir"]
+    w.test = shard_windows(load_windows(data_dir, "test", w.cfg.optim.eval_max_windows), w.rank, w.world)
+    check_frames(w.test["pose_2d"].shape[1], w.cfg.model.frames, f"{data_dir}/test")
+    if w.rank == 0 and w.config.get("mlflow"):
+        from jobs.tracking import RunLogger
+
+        w.tracker = RunLogger(w.config["mlflow"]["uri"], w.config["mlflow"]["run_id"])
+        w.tracker.log_params({**to_dict(w.cfg), "data": {"dir": data_dir, "manifest_hash": w.config.get(
+            "manifest_hash")}, "git_rev": w.config.get("git_rev"), "gflops": w.config.get("gflops", {})})
+
+
+def train_epoch(w: Worker, shard: Any) -> dict[str, float]:
+    """At most optim.steps_per_epoch steps over this rank's shard -> {loss (mean), steps, clips, wait_s, busy_s}."""
+    from jobs.evaluation import check_frames
+
+    ocfg, cap = w.cfg.optim, w.cfg.optim.steps_per_epoch
+    w.model.train()
+    steps, clips, loss_sum, wait, busy = 0, 0, torch.zeros((), dtype=torch.float64, device=w.device), 0.0, 0.0
+    batches = shard.iter_torch_batches(
+        batch_size=ocfg.batch_size, drop_last=True, dtypes=torch.float32, device=w.device,
+        local_shuffle_buffer_size=ocfg.batch_size * SHUFFLE_BUFFER_BATCHES, local_shuffle_seed=ocfg.seed + w.epoch,
+        prefetch_batches=PREFETCH_BATCHES,
+    )
+    t_mark = time.perf_counter()
+    for batch in batches:
+        if cap is not None and steps >= cap:
+            break
+        t_data = time.perf_counter()
+        wait += t_data - t_mark
+        if steps == 0:
+            check_frames(batch["pose_2d"].shape[1], w.cfg.model.frames, f"{w.config['data_dir']}/train")
+        if w.config.get("fail_at_step") == w.global_step and not w.restored:
+            raise InjectedFailure(f"injected failure at step {w.global_step} (rank {w.rank})")
+        loss_sum += train_step(w.model, batch, w.optimizer, w.scaler, w.settings, w.gen)
+        if w.schedule_per_step:
+            w.scheduler.step()
+        steps, w.global_step, clips = steps + 1, w.global_step + 1, clips + batch["pose_2d"].shape[0]
+        t_mark = time.perf_counter()
+        busy += t_mark - t_data
+    if steps == 0:
+        raise ValueError(f"{w.config['data_dir']}/train: no full batch of {ocfg.batch_size} clips for this worker")
+    if not w.schedule_per_step:
+        w.scheduler.step()
+    w.elapsed += wait + busy
+    return {"loss": float(loss_sum) / steps, "steps": steps, "clips": clips, "wait_s": wait, "busy_s": busy}
+
+
+def check_collective_device(tensor: torch.Tensor) -> None:
+    """Raise unless the process group's backend can take `tensor` where it lives (NCCL: CUDA tensors only;
+    a per-device backend such as "cpu:gloo,cuda:nccl" takes both)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend())
+    if "nccl" in backend and "cpu" not in backend and tensor.device.type != "cuda":
+        raise RuntimeError(f"the {backend} backend reduces CUDA tensors only; this one is on {tensor.device}")
+
+
+def epoch_totals(stats: dict[str, float], device: torch.device) -> torch.Tensor:
+    """[mean loss, clips/s, data wait s, train s, non-finite eval clips] of this rank, on its device (where its
+    backend reduces)."""
+    seconds = stats["wait_s"] + stats["busy_s"]
+    return torch.tensor([stats["loss"], stats["clips"] / seconds, stats["wait_s"], seconds,
+                         stats.get("nonfinite_clips", 0.0)], dtype=torch.float64, device=device)
+
+
+def sync_epoch(stats: dict[str, float], sums: dict[str, Any], world: int, device: torch.device
+               ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The epoch's train figures over all ranks (loss: mean; clips/s, wait and time: sums) and every rank's
+    metric sums."""
+    totals, gathered = epoch_totals(stats, device), [sums]
+    if world > 1:
+        import torch.distributed as dist
+
+        check_collective_device(totals)
+        dist.all_reduce(totals)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, sums)
+    loss, clips_per_s, wait, seconds, nonfinite = totals.tolist()
+    return {"loss": loss / world, "clips_per_s": clips_per_s, "wait_s": wait, "seconds": seconds,
+            "nonfinite_clips": nonfinite}, gathered
+
+
+def validate(w: Worker, stats: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate this rank's test windows, merge over the ranks -> (epoch metrics, metric result with per_action).
+    Raises Diverged when the training loss or the validation MPJPE is not finite."""
+    from jobs.evaluation import evaluate, merge_sums, plain_sums
+
+    ocfg = w.cfg.optim
+    acc, timing = evaluate(w.plain_model, w.test, w.cfg.model.in_channels, ocfg.eval_batch_size, ocfg.test_flip)
+    local_seconds = stats["wait_s"] + stats["busy_s"]
+    stats, sums = sync_epoch({**stats, "nonfinite_clips": timing["nonfinite_clips"]}, plain_sums(acc), w.world,
+                             w.device)
+    result = merge_sums(sums).result()
+    metrics = {
+        "epoch": w.epoch + 1, "step": w.global_step, "train/loss": stats["loss"],
+        "val/mpjpe_mm": result["mpjpe_mm"], "val/p_mpjpe_mm": result["p_mpjpe_mm"],
+        "val/mpjve_mm": result["mpjve_mm"], "val/frames": result["frames"],
+        "gflops": w.config.get("gflops", {}).get("gflops_linear", float("nan")),
+        "clips_per_s": stats["clips_per_s"],  # training clips/s, all workers together
+        "data_wait_frac": stats["wait_s"] / stats["seconds"], "lr": w.optimizer.param_groups[0]["lr"],
+        "epoch_seconds": local_seconds + timing["seconds"],
+        "train_time_s": w.elapsed,  # cumulative training time (this rank, evaluation excluded), for equal-time views
+    }
+    if stats["nonfinite_clips"] or not (math.isfinite(metrics["train/loss"]) and math.isfinite(
+            metrics["val/mpjpe_mm"])):
+        val = (f"{stats['nonfinite_clips']:.0f} test clips with NaN or infinite predictions"
+               if stats["nonfinite_clips"] else f"val MPJPE {metrics['val/mpjpe_mm']} mm")
+        last = f"its last checkpoint is epoch {w.epoch}" if w.epoch else "no checkpoint was written"
+        raise Diverged(f"epoch {w.epoch + 1}: the run diverged (train loss {metrics['train/loss']}, {val}); {last}. "
+                       "Lower optim.lr or set optim.grad_clip, then start a new run")
+    return metrics, result
+
+
+def save_and_report(w: Worker, metrics: dict[str, Any], result: dict[str, Any]) -> None:
+    """ray.train.report of the epoch's metrics; rank 0 adds the checkpoint (training state, best model so far,
+    metrics) and logs to MLflow."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from h2ot.checkpoint import save_checkpoint
+    from h2ot.config import to_dict
+
+    is_best = metrics["val/mpjpe_mm"] < w.best["val/mpjpe_mm"]
+    if is_best:
+        w.best = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if w.rank == 0:
+            hashes = {k: w.config.get(k) for k in ("config_hash", "manifest_hash")}
+            torch.save({"model": w.plain_model.state_dict(), "optimizer": w.optimizer.state_dict(),
+                        "scheduler": w.scheduler.state_dict(), "scaler": w.scaler.state_dict(), "epoch": w.epoch,
+                        "global_step": w.global_step, "best": w.best, "elapsed_s": w.elapsed, **hashes},
+                       Path(tmp) / STATE_FILE)
+            if is_best:
+                meta = {**hashes, "git_rev": w.config.get("git_rev"), "epoch": w.epoch + 1, "metrics": metrics,
+                        "per_action": result["per_action"], "train_config": to_dict(w.cfg),
+                        "data_dir": w.config["data_dir"]}
+                save_checkpoint(w.best_dir / BEST_MODEL_FILE, w.model, w.cfg.model, meta)
+            shutil.copy(w.best_dir / BEST_MODEL_FILE, Path(tmp) / BEST_MODEL_FILE)
+            (Path(tmp) / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "best": w.best,
+                                                              "per_action": result["per_action"]}))
+            if w.tracker is not None:
+                w.tracker.log_metrics(metrics, step=w.epoch + 1)
+                if is_best:
+                    w.tracker.log_dict(result["per_action"], "per_action.json")
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+    log.info("rank %d epoch %d/%d: %s", w.rank, w.epoch + 1, w.cfg.optim.epochs,
+             {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's per-worker function: restore, then per epoch train, evaluate, report (module docstring)."""
     import ray.train
     import ray.train.torch
 
-    from h2ot.checkpoint import save_checkpoint
-    from h2ot.config import config_from_dict, to_dict
-    from h2ot.flops import model_gflops
-    from h2ot.losses import pose_loss
-    from h2ot.models import build_model
-    from jobs.evaluation import (
-        check_frames,
-        evaluate,
-        load_windows,
-        merge_sums,
-        model_input,
-        plain_sums,
-        shard_windows,
-    )
-
-    cfg = config_from_dict(config["cfg"], "train")
-    mcfg, ocfg = cfg.model, cfg.optim
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if rank == 0 and not logging.getLogger().handlers:  # per-epoch lines in the driver's output
+    ctx, w = ray.train.get_context(), None
+    if ctx.get_world_rank() == 0 and not logging.getLogger().handlers:  # per-epoch lines in the worker's log
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                             datefmt="%H:%M:%S")
-    torch.set_num_threads(max(1, cfg.scaling.torch_threads))
-    seed_everything(ocfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    device = ray.train.torch.get_device()
-
-    model = build_model(mcfg)
-    gflops = model_gflops(model, mcfg) if rank == 0 else {}
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ocfg.lr, weight_decay=ocfg.weight_decay)
-    scheduler, schedule_per_step = build_lr_scheduler(optimizer, ocfg)
-    use_amp = bool(ocfg.amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, global_step, best, elapsed = 0, 0, {"val/mpjpe_mm": math.inf}, 0.0
-    best_dir = Path(tempfile.mkdtemp(prefix="h2ot-best-"))  # this worker's copy of the best model so far
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
-            if (Path(d) / BEST_MODEL_FILE).is_file():
-                shutil.copy(Path(d) / BEST_MODEL_FILE, best_dir / BEST_MODEL_FILE)
-        getattr(model, "module", model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step, best = int(state["epoch"]) + 1, int(state["global_step"]), dict(state["best"])
-        elapsed = float(state.get("elapsed_s", 0.0))
-        log.info("rank %d: resumed after epoch %d (step %d)", rank, start_epoch, global_step)
-    if start_epoch >= ocfg.epochs:
-        log.info("rank %d: all %d epochs already trained; nothing to do", rank, ocfg.epochs)
-        return {"resumed_finished": True, "epochs": ocfg.epochs}
-
-    test = shard_windows(load_windows(config["data_dir"], "test", ocfg.eval_max_windows), rank, world)
-    check_frames(test["pose_2d"].shape[1], mcfg.frames, f"{config['data_dir']}/test")
-    tracker = None
-    if rank == 0 and config.get("mlflow"):
-        from jobs.tracking import RunLogger
-
-        tracker = RunLogger(config["mlflow"]["uri"], config["mlflow"]["run_id"])
-        tracker.log_params({**to_dict(cfg), "data": {"dir": config["data_dir"], "manifest_hash":
-                            config.get("manifest_hash")}, "git_rev": config.get("git_rev"), "gflops": gflops})
-
-    gen = torch.Generator().manual_seed(ocfg.seed * 1000 + rank)
-    cap = ocfg.steps_per_epoch
-    metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, ocfg.epochs):
-        shard = ray.train.get_dataset_shard("train")
-        model.train()
-        steps, clips, loss_sum, wait, busy = 0, 0, 0.0, 0.0, 0.0
-        batches = shard.iter_torch_batches(
-            batch_size=ocfg.batch_size, drop_last=True, dtypes=torch.float32, device=device,
-            local_shuffle_buffer_size=ocfg.batch_size * SHUFFLE_BUFFER_BATCHES, local_shuffle_seed=ocfg.seed + epoch,
-            prefetch_batches=PREFETCH_BATCHES,
-        )
-        t_mark = time.perf_counter()
-        for batch in batches:
-            if cap is not None and steps >= cap:
-                break
-            t_data = time.perf_counter()
-            wait += t_data - t_mark
-            if steps == 0 and epoch == start_epoch:
-                check_frames(batch["pose_2d"].shape[1], mcfg.frames, f"{config['data_dir']}/train")
-            if config.get("fail_at_step") is not None and global_step == config["fail_at_step"] \
-                        and restored is None:
-                raise InjectedFailure(f"injected failure at step {global_step} (rank {rank})")
-            x = model_input(batch["pose_2d"], batch["conf_2d"], mcfg.in_channels)
-            y = batch["pose_3d"]
-            if ocfg.flip_augment:
-                x, y = flip_half(x, y, gen)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                out = model(x)
-            fi = out.frame_indices
-            valid = batch["valid"]
-            if fi is not None and fi.shape[1] != y.shape[1]:  # seq2frame: the centre frames
-                y = torch.gather(y, 1, fi[:, :, None, None].expand(-1, -1, *y.shape[2:]))
-                valid = torch.gather(valid, 1, fi)
-            loss, _ = pose_loss(out.pose_3d.float(), y, valid, cfg.loss.tc_weight, cfg.loss.velocity_weight)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if ocfg.grad_clip and ocfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            if schedule_per_step:
-                scheduler.step()
-            steps += 1
-            global_step += 1
-            clips += x.shape[0]
-            loss_sum += float(loss.detach())
-            t_mark = time.perf_counter()
-            busy += t_mark - t_data
-        if steps == 0:
-            raise ValueError(f"{config['data_dir']}/train: no full batch of {ocfg.batch_size} clips for this worker")
-        if not schedule_per_step:
-            scheduler.step()
-        train_seconds = wait + busy
-        elapsed += train_seconds
-
-        acc, timing = evaluate(getattr(model, "module", model), test, mcfg.in_channels, ocfg.eval_batch_size,
-                               ocfg.test_flip, device)
-        sums, totals = [plain_sums(acc)], torch.tensor([loss_sum / steps, clips / train_seconds, wait, train_seconds])
-        if world > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, sums[0])
-            sums = gathered
-            dist.all_reduce(totals)
-            totals[0] /= world
-        result = merge_sums(sums).result()
-        metrics = {
-            "epoch": epoch + 1,
-            "step": global_step,
-            "train/loss": float(totals[0]),
-            "val/mpjpe_mm": result["mpjpe_mm"],
-            "val/p_mpjpe_mm": result["p_mpjpe_mm"],
-            "val/mpjve_mm": result["mpjve_mm"],
-            "val/frames": result["frames"],
-            "gflops": gflops.get("gflops_linear", float("nan")) if rank == 0 else float("nan"),
-            "clips_per_s": float(totals[1]),  # training clips/s, all workers together
-            "data_wait_frac": float(totals[2] / totals[3]),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": train_seconds + timing["seconds"],
-            "train_time_s": elapsed,  # cumulative training time (rank 0, evaluation excluded), for equal-time views
-        }
-        is_best = metrics["val/mpjpe_mm"] < best["val/mpjpe_mm"]
-        if is_best:
-            best = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                torch.save({"model": _state_dict(model), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                            "global_step": global_step, "best": best, "elapsed_s": elapsed}, Path(tmp) / STATE_FILE)
-                meta = {"manifest_hash": config.get("manifest_hash"), "git_rev": config.get("git_rev"),
-                        "epoch": epoch + 1, "metrics": metrics, "per_action": result["per_action"],
-                        "train_config": to_dict(cfg), "data_dir": config["data_dir"]}
-                if is_best:
-                    save_checkpoint(best_dir / BEST_MODEL_FILE, model, mcfg, meta)
-                shutil.copy(best_dir / BEST_MODEL_FILE, Path(tmp) / BEST_MODEL_FILE)
-                (Path(tmp) / METRICS_FILE).write_text(json.dumps({"metrics": metrics, "best": best,
-                                                                  "per_action": result["per_action"]}))
-                if tracker is not None:
-                    tracker.log_metrics(metrics, step=epoch + 1)
-                    if is_best:
-                        tracker.log_dict(result["per_action"], "per_action.json")
-                from ray.train import Checkpoint
-
-                checkpoint = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        log.info("rank %d epoch %d/%d: %s", rank, epoch + 1, ocfg.epochs,
-                 {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()})
-
-    if tracker is not None:
-        _log_final(tracker, getattr(model, "module", model), test, mcfg, best, best_dir / BEST_MODEL_FILE)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    return {"best": best, "last": metrics}
+    try:
+        w = setup_worker(config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                         ray.train.torch.prepare_model)
+        if (checkpoint := ray.train.get_checkpoint()) is not None:
+            restore(w, checkpoint)
+        if w.epoch >= w.cfg.optim.epochs:
+            log.info("rank %d: all %d epochs already trained; nothing to do", w.rank, w.cfg.optim.epochs)
+            return {"resumed_finished": True, "epochs": w.cfg.optim.epochs}
+        start_epochs(w)
+        metrics: dict[str, Any] = {}
+        for epoch in range(w.epoch, w.cfg.optim.epochs):
+            w.epoch = epoch
+            stats = train_epoch(w, ray.train.get_dataset_shard("train"))
+            metrics, result = validate(w, stats)
+            save_and_report(w, metrics, result)
+        if w.tracker is not None:
+            _log_final(w.tracker, w.plain_model, w.test, w.cfg.model, w.best, w.best_dir / BEST_MODEL_FILE)
+            w.tracker.close()  # sends what an MLflow outage held back, and says what was late or lost
+        return {"best": w.best, "last": metrics}
+    except NON_RETRYABLE as e:  # the same error again on every retry: end the run now, the driver says why
+        log.error("rank %d: %s", ctx.get_world_rank(), e)
+        return {"stopped": f"{type(e).__name__}: {e}"}
+    finally:
+        if w is not None:
+            shutil.rmtree(w.best_dir, ignore_errors=True)
 
 
 def _log_final(tracker: Any, model: torch.nn.Module, test: dict[str, np.ndarray], mcfg: Any,
@@ -270,20 +385,28 @@ def _log_final(tracker: Any, model: torch.nn.Module, test: dict[str, np.ndarray]
     """Rank 0 at the end: the best model file, the best metrics, and a picture of predicted vs GT skeletons."""
     import matplotlib.pyplot as plt
 
-    from h2ot.models import predict
-    from jobs.evaluation import model_input, skeleton_figure
+    from jobs.evaluation import skeleton_figure
 
     if best_file.is_file():
         tracker.log_artifact(best_file, "model")
     tracker.log_dict(best, "best_metrics.json")
-    x = torch.from_numpy(test["pose_2d"][:1])
-    conf = torch.from_numpy(test["conf_2d"][:1])
-    model.eval()
-    with torch.no_grad():
-        out = predict(model, model_input(x, conf, mcfg.in_channels), test_flip=True)
-    k = out.pose_3d.shape[1] // 2  # the middle output frame
-    t = int(out.frame_indices[0, k]) if out.frame_indices is not None else k
-    fig = skeleton_figure(out.pose_3d[0, k].numpy(), test["pose_3d"][0, t],
-                          f"{test['action'][0]}, frame {t} (last epoch)")
+    pred, target, _, frames = final_example(model, test, mcfg.in_channels)
+    fig = skeleton_figure(pred, target, f"{test['action'][0]}, frame {frames} (last epoch)")
     tracker.log_figure(fig, "skeleton.png")
     plt.close(fig)
+
+
+def final_example(model: torch.nn.Module, test: dict[str, np.ndarray], in_channels: int
+                  ) -> tuple[np.ndarray, np.ndarray, bool, int]:
+    """The middle output frame of the first test window, on the CPU wherever the model runs:
+    (pred [J, 3], target [J, 3], valid, original frame index)."""
+    from jobs.evaluation import window_batch
+
+    was_training = model.training
+    model.eval()
+    try:
+        pred, target, valid, frames = eval_batch(model, window_batch(test, slice(0, 1)), in_channels, True)
+    finally:
+        model.train(was_training)
+    k = pred.shape[1] // 2
+    return pred[0, k].numpy(), target[0, k].numpy(), bool(valid[0, k]), int(frames[0, k])

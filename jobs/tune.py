@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._common import add_output_flags, friendly_errors, require_shards, setup_logging
+from jobs.train import cluster_gpu_capacity
 from jobs.tune_trials import TRIAL_CPU, load_search, plan_resources, search_name
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
     # the dashboard runs too (no dashboard=False): Train's placement-group cleaner asks it
     connect(num_cpus=num_cpus, env_vars=WORKER_ENV, log_to_driver=False, start_attempts=LOCAL_RAY_ATTEMPTS,
             pin_gcs_address=True)
-    plan = plan_resources(base, tcfg.tune, ray.cluster_resources())
+    # GPUs: what the cluster can have (an autoscaling GPU group may have 0 nodes now), not a momentary count
+    plan = plan_resources(base, tcfg.tune, {**ray.cluster_resources(), "GPU": cluster_gpu_capacity()})
     base.scaling.num_workers = plan["workers_per_trial"]
     base_dict = to_dict(base)
     log.info("search %s: %d trials, %d at a time, %d worker(s) x %.2f CPU per trial, cluster %s",

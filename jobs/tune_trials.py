@@ -90,6 +90,9 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], data_dir: str, out
     result = trainer.fit()  # same name + storage on a resumed trial: Train continues from its last checkpoint
     if result.error is not None:
         raise RuntimeError(f"trial {trial_id}: training failed: {result.error}") from result.error
+    returned = result.return_value if isinstance(result.return_value, dict) else {}
+    if returned.get("stopped"):  # an error a retry cannot fix (divergence, a config mismatch): the trial fails
+        raise RuntimeError(f"trial {trial_id}: training stopped: {returned['stopped']}")
 
 
 def result_rows(grid: Any, base: Any, base_dict: dict[str, Any]) -> list[dict[str, Any]]:

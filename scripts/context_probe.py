@@ -20,15 +20,16 @@ import torch
 
 from h2ot.checkpoint import load_checkpoint
 from h2ot.config import config_from_dict
+from h2ot.engine import batch_input
 from h2ot.metrics import M_TO_MM, per_frame_error_m
 from h2ot.models import predict
-from jobs.evaluation import load_windows, model_input
+from jobs.evaluation import load_windows
 
 
 def inputs(data: dict[str, np.ndarray], in_channels: int, rows: slice = slice(None)) -> torch.Tensor:
     """The model's input for windows `rows`, with the confidence channel when the model takes one."""
     conf = torch.from_numpy(data["conf_2d"][rows]) if in_channels == 3 else None
-    return model_input(torch.from_numpy(data["pose_2d"][rows]), conf, in_channels)
+    return batch_input(torch.from_numpy(data["pose_2d"][rows]), conf, in_channels)
 
 
 def position_errors(model: torch.nn.Module, data: dict[str, np.ndarray], in_channels: int,

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from h2ot.config import ConfigError, load_config
+from h2ot.engine import train_step
 from h2ot.models import build_model
-from jobs.bench_train import plain_step
 from jobs.evaluation import evaluate, load_windows
-from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything
+from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything, step_settings
 from pipelines.shards import read_split
 
 
@@ -68,11 +68,12 @@ def main(argv: list[str]) -> int:
                                warmup_steps=max(1, args.steps // 9))
     scheduler, _ = build_lr_scheduler(optimizer, schedule)  # the training loop's warm-up + cosine, per step
     rng, gen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    scaler, settings = torch.amp.GradScaler("cpu", enabled=False), step_settings(cfg, torch.device("cpu"))
     start, losses = time.time(), []
     for step in range(1, args.steps + 1):
         idx = np.sort(rng.choice(len(train["valid"]), args.batch, replace=False))
         clips = {k: torch.from_numpy(v[idx]).float() for k, v in train.items()}
-        losses.append(float(plain_step(model, optimizer, clips, cfg, gen)))
+        losses.append(float(train_step(model, clips, optimizer, scaler, settings, gen)))
         scheduler.step()
         if step % args.every == 0 or step == args.steps:
             acc, _ = evaluate(model, test, cfg.model.in_channels, 64, True)

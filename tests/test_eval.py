@@ -92,3 +92,57 @@ def test_eval_window_length_mismatch_is_a_clear_error(tmp_path, capsys) -> None:
 def test_eval_missing_checkpoint(tmp_path, shards, capsys) -> None:
     assert eval_job.main(["--checkpoint", str(tmp_path / "nope.pt"), "--data", str(shards)]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_eval_runs_on_the_device_asked_for(tmp_path, shards, capsys) -> None:
+    constant_pose_checkpoint(tmp_path / "model.pt")
+    argv = ["--checkpoint", str(tmp_path / "model.pt"), "--data", str(shards), "--json"]
+    assert run_eval(capsys, *argv, "--device", "cpu")["device"] == "cpu"
+    if torch.cuda.is_available():
+        assert run_eval(capsys, *argv, "--device", "cuda")["device"].startswith("cuda")
+    else:
+        assert eval_job.main([*argv, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA device" in err[0] and "--device cpu" in err[0]
+
+
+def one_line_error(capsys, checkpoint, shards) -> str:
+    assert eval_job.main(["--checkpoint", str(checkpoint), "--data", str(shards), "--json"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and len(lines) == 1 and "Traceback" not in captured.err
+    return lines[0]
+
+
+def rewrite(path, change) -> None:
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+def test_eval_refuses_nan_weights_with_one_line(tmp_path, shards, capsys) -> None:
+    path = tmp_path / "model.pt"
+    constant_pose_checkpoint(path)
+    rewrite(path, lambda p: p["state_dict"]["head.weight"].fill_(float("nan")))
+    assert "NaN or infinite" in one_line_error(capsys, path, shards)
+
+
+def test_eval_refuses_a_model_that_predicts_nan_with_one_line(tmp_path, shards, capsys) -> None:
+    path = tmp_path / "model.pt"
+    constant_pose_checkpoint(path)
+    rewrite(path, lambda p: p["state_dict"]["head.bias"].fill_(3e38))  # finite weights, overflowing output
+    rewrite(path, lambda p: p["state_dict"]["head.weight"].fill_(3e38))
+    assert "NaN or infinite poses" in one_line_error(capsys, path, shards)
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda p: p.__setitem__("model_config", ["mlp", 27]), "model_config is a list"),
+    (lambda p: p["model_config"].__setitem__("dim", 24), "the weights do not fit"),
+    (lambda p: p["model_config"].__setitem__("backbone", "nope"), "unknown backbone"),
+    (lambda p: p.__setitem__("state_dict", {"head.weight": "text"}), "state_dict is not a mapping"),
+])
+def test_eval_of_an_inconsistent_checkpoint_is_one_line(tmp_path, shards, capsys, change, words) -> None:
+    path = tmp_path / "model.pt"
+    constant_pose_checkpoint(path)
+    rewrite(path, change)
+    assert words in one_line_error(capsys, path, shards)

@@ -182,6 +182,19 @@ def test_worker_failure_resumes_from_last_checkpoint(local_ray, shards, tmp_path
     assert history == [(1, 3.0), (2, 6.0), (3, 9.0)]
 
 
+@pytest.mark.slow
+def test_a_named_run_with_another_config_stops_at_once_and_epochs_show_on_the_driver(local_ray, shards, tmp_path,
+                                                                                   capsys) -> None:
+    from jobs.train import TrainingStopped, run_training
+
+    out, base = tmp_path / "run", ("optim.epochs=1", "optim.steps_per_epoch=2", "run.name=mine")
+    run_training(tiny_cfg(*base), shards, out, mlflow=False)
+    err = capsys.readouterr().err  # worker logs are silenced here (log_to_driver=False): this is the driver's line
+    assert "epoch 1/1  train loss " in err and " mm  " in err and "s/epoch  ETA 0s" in err
+    with pytest.raises(TrainingStopped, match="ConfigMismatch: .*another config"):  # ended, not retried 3 times
+        run_training(tiny_cfg(*base, "optim.lr=0.01", "run.max_failures=3"), shards, out, mlflow=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,12 +18,18 @@ class PoseOutput:
 
     pose_3d: [B, T_out, J, 3] root-relative camera-frame joints (metres). T_out = T (seq2seq) or 1 (seq2frame).
     kept_indices: per pruning stage, [B, n_s] ORIGINAL frame indices kept (sorted); [] for a full model.
-    frame_indices: [B, T_out] original frame index of each output frame (arange(T), or the centre).
+    frame_indices: [B, T_out] original frame index of each output frame (arange(T), or the centre); always set
+        (a model that gives none outputs every frame: arange(T_out)).
     """
 
     pose_3d: torch.Tensor
     kept_indices: list[torch.Tensor] = field(default_factory=list)
-    frame_indices: torch.Tensor | None = None
+    frame_indices: torch.Tensor = None  # type: ignore[assignment]  # filled in by __post_init__ when omitted
+
+    def __post_init__(self) -> None:
+        if self.frame_indices is None:
+            b, t = self.pose_3d.shape[:2]
+            self.frame_indices = torch.arange(t, device=self.pose_3d.device).expand(b, t)
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def predict(model: nn.Module, pose_2d: torch.Tensor, test_flip: bool = True) -> 
     if not test_flip:
         return out
     flipped = model(flip_pose(pose_2d))
-    if out.frame_indices is not None and not torch.equal(out.frame_indices, flipped.frame_indices):
+    if model.training and not torch.equal(out.frame_indices, flipped.frame_indices):
         # a seq2frame model in training mode outputs its kept frames, which may differ between the two passes
         raise ValueError("test-time flip needs the same output frames in both passes; call model.eval() first")
     out.pose_3d = (out.pose_3d + flip_pose(flipped.pose_3d)) / 2
