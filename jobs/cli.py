@@ -13,11 +13,12 @@ import sys
 # name -> (module, one-line help). Later work adds lines here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the whole system end to end: Ray Data -> Ray Train (full vs H2OT) -> eval -> MLflow"),
-    "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
+    "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT, per runtime and precision; --stream"),
     "preprocess": ("jobs.preprocess", "raw pose data -> Parquet window shards + manifest (Ray Data)"),
     "bench-preprocess": ("pipelines.bench", "Ray Data vs single-process preprocessing throughput (JSON)"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
+    "export": ("jobs.export", "a checkpoint -> one ONNX graph with the pruning inside, verified against PyTorch"),
     "train": ("jobs.train", "train a model with Ray Train (DDP), tracked in MLflow; best model -> RUN_DIR/model.pt"),
     "eval": ("jobs.eval", "MPJPE / P-MPJPE / MPJVE of a checkpoint on a shard folder (JSON), without Ray"),
     "tune": ("jobs.tune", "Ray Tune over pruning schedules, TPM/TRM and lr; GFLOPs-MPJPE Pareto front in MLflow"),
