@@ -141,3 +141,25 @@ def test_export_cli_verifies_on_shards_and_writes_metadata(tmp_path: Path, capsy
 def test_export_cli_rejects_bad_output_name(tmp_path: Path, capsys) -> None:
     assert export_main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path / "model.bin")]) == 2
     assert ".onnx" in capsys.readouterr().err
+
+
+def test_bench_runs_every_runtime_and_precision_side_by_side(tmp_path: Path, capsys) -> None:
+    from jobs.bench import main as bench_main
+
+    shards = write_tiny_shards(tmp_path / "shards", frames=27, n_train=8, n_test=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("kind: model\nmodel:\n  preset: mixste_tiny\n")
+    argv = ["--config", str(config), "--runtime", "eager,onnx", "--precision", "fp32,bf16,int8", "--repeats", "1",
+            "--warmup", "0", "--data", str(shards), "--windows", "8", "--json"]
+    assert bench_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("full_clips_per_s", "h2ot_onnx_fp32_clips_per_s", "h2ot_eager_bf16_clips_per_s",
+                "h2ot_onnx_int8_clips_per_s", "throughput_ratio_onnx_fp32", "h2ot_onnx_int8_vs_eager_fp32"):
+        assert out[key] > 0, key
+    assert sorted(out["skipped"]) == ["eager/int8", "onnx/bf16"]
+    mpjpe = out["mpjpe_mm"]
+    assert mpjpe["h2ot_onnx_fp32"] == pytest.approx(mpjpe["h2ot"], abs=0.01)  # same model, other runtime
+    assert set(mpjpe) == {"full", "h2ot"} | {f"{v}_{r}" for v in ("full", "h2ot")
+                                             for r in ("eager_bf16", "onnx_fp32", "onnx_int8")}
+    assert bench_main(["--runtime", "tpu"]) == 2
+    assert "--runtime" in capsys.readouterr().err
