@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
     "export": ("jobs.export", "a checkpoint -> one ONNX graph with the pruning inside, verified against PyTorch"),
+    "stream": ("jobs.stream", "2D keypoints as JSON lines on stdin -> one 3D pose per frame on stdout, live"),
     "train": ("jobs.train", "train a model with Ray Train (DDP), tracked in MLflow; best model -> RUN_DIR/model.pt"),
     "eval": ("jobs.eval", "MPJPE / P-MPJPE / MPJVE of a checkpoint on a shard folder (JSON), without Ray"),
     "tune": ("jobs.tune", "Ray Tune over pruning schedules, TPM/TRM and lr; GFLOPs-MPJPE Pareto front in MLflow"),
