@@ -33,7 +33,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
+from h2ot.keypoints import model_input
+from h2ot.models import predict
+from h2ot.skeleton import ROOT_JOINT
 from jobs._common import UserError, friendly_errors
 
 log = logging.getLogger("h2ot.stream")
@@ -114,6 +118,13 @@ class Streamer:
         self.lookahead = lookahead(t, self.hop)
         self._last_good = np.full((self.cfg.joints, 3), np.nan)  # each joint's last known keypoint
 
+    def warm_up(self) -> None:
+        """One forward on a still pose, so that the first frames do not pay for lazy set-up (allocations,
+        kernels chosen on first use)."""
+        x = torch.zeros(1, self.cfg.frames, self.cfg.joints, self.cfg.in_channels)
+        with torch.inference_mode():
+            predict(self.model, x, test_flip=self.test_flip)
+
     @property
     def delay_frames(self) -> int:
         """The most frames a frame waits for (the lookahead plus the rest of its block)."""
@@ -181,12 +192,6 @@ class Streamer:
         if np.isnan(self._last_good).all():  # the whole stream had no person: answer without a pose
             self._emitted = stop + 1
             return [Emitted(k, None, True) for k in range(start, stop + 1)]
-        import torch
-
-        from h2ot.keypoints import model_input
-        from h2ot.models import predict
-        from h2ot.skeleton import ROOT_JOINT
-
         pixels, first = self._window(window_end)
         x = model_input(pixels, self.width, self.height, self.cfg.in_channels)
         began = time.perf_counter()
@@ -257,12 +262,12 @@ def make_streamer(checkpoint: str, runtime: str | None, width: int, height: int,
     if width <= 0 or height <= 0:
         raise UserError(f"--width and --height must be positive pixels, got {width}x{height}")
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     model, cfg = load_model_for(checkpoint, runtime)
     hop = default_hop(cfg.frames) if hop is None else hop
-    return Streamer(model, cfg, width, height, hop, test_flip)
+    streamer = Streamer(model, cfg, width, height, hop, test_flip)
+    streamer.warm_up()
+    return streamer
 
 
 @friendly_errors
