@@ -38,8 +38,11 @@ class StepSettings:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's (first) parameter; DDP wrappers included."""
-    return next(model.parameters()).device
+    """The device of the model's (first) parameter; DDP wrappers included. A model without torch parameters
+    (an ONNX Runtime session, a precision wrapper) takes its input on the CPU."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 def batch_input(pose_2d: torch.Tensor, conf_2d: torch.Tensor | None, in_channels: int) -> torch.Tensor:

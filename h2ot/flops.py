@@ -1,8 +1,8 @@
-"""FLOPs per clip, in the two conventions of METHOD.md (2 x MACs, forward pass, batch 1).
+"""FLOPs per clip, in two conventions (2 x MACs, forward pass, batch 1).
 
 - linear: what the papers report (Linear layers only): counted with forward hooks on every nn.Linear.
 - total: torch's FlopCounterMode under the math attention backend (so attention products are seen), plus the
-  pruning's own cost (cdist and density terms), which the counter does not see, added by hand.
+  pruning's own cost (distances and density terms), which the counter does not see, added by hand.
 And the analytic predictions from the schedule's kept-token counts and each backbone's CostTerms
 (`cost_terms(cfg)` on the model class), so a new backbone states its costs once, beside its code.
 """
@@ -85,12 +85,18 @@ def total_flops(model: nn.Module, x: torch.Tensor, cfg: ModelConfig) -> int:
     return int(counter.get_total_flops()) + pruning_flops(cfg)
 
 
-def _trm_linear_macs(cfg: ModelConfig, stages: list[tuple[int, int]]) -> float:
-    """The cross-attention TRM projects T queries, n keys and values and T outputs (C^2 MACs each) per joint."""
-    if not stages or cfg.seq2frame or cfg.trm != "cross_attention":
-        return 0.0
-    c, t, n_last = cfg.dim, cfg.frames, stages[-1][1]
-    return _tokens_per_frame(cfg) * (t * c * c + 2 * n_last * c * c + t * c * c)
+def _trm_macs(cfg: ModelConfig, stages: list[tuple[int, int]]) -> tuple[int, int]:
+    """(Linear, attention-product) MACs of the TRM restoring T frames from the last stage's n, per clip
+    (the strategy's own `linear_macs` / `attention_macs` per token of a frame, times the tokens a frame holds)."""
+    from h2ot.recovery import TRM_REGISTRY
+
+    if not stages or cfg.seq2frame:
+        return 0, 0
+    if cfg.trm not in TRM_REGISTRY:
+        raise ConfigError(f"model.trm: unknown recovering strategy {cfg.trm!r}; known: {sorted(TRM_REGISTRY)}")
+    strategy, tokens, n_last = TRM_REGISTRY[cfg.trm], _tokens_per_frame(cfg), stages[-1][1]
+    return (tokens * strategy.linear_macs(cfg, cfg.frames, n_last),
+            tokens * strategy.attention_macs(cfg, cfg.frames, n_last))
 
 
 def _tokens_per_frame(cfg: ModelConfig) -> int:
@@ -108,7 +114,7 @@ def predicted_linear_flops(cfg: ModelConfig) -> int:
     macs += t * j * terms.input_linear_macs
     out_frames = 1 if cfg.seq2frame else t
     macs += out_frames * j * terms.output_linear_macs
-    macs += _trm_linear_macs(cfg, stages)
+    macs += _trm_macs(cfg, stages)[0]
     return int(round(2 * macs))
 
 
@@ -122,8 +128,7 @@ def predicted_total_flops(cfg: ModelConfig) -> int:
     for n in tokens_per_block(stages, cfg.depth, t):
         attn += terms.spatial_attentions * 4 * n * j * j * c  # n sequences of J joints
         attn += terms.temporal_attentions * 4 * j * n * n * c  # J sequences of n frames
-    if _trm_linear_macs(cfg, stages):
-        attn += 4 * j * t * stages[-1][1] * c
+    attn += 2 * _trm_macs(cfg, stages)[1]
     return predicted_linear_flops(cfg) + attn + sum(_pruning_terms(cfg))
 
 

@@ -5,10 +5,16 @@ re-sorts them in time order, gathers their joint tokens and maps the kept positi
 indices. Frames in `must_keep` (the centre frame of seq2frame models) are always kept.
 Registry: TPM_REGISTRY["dpc_knn" | "uniform" | "motion" | "attention" | "random"].
 Each strategy also states the FLOPs of its scoring (`scoring_flops`), for h2ot.flops.
+
+Everything here exports to one ONNX graph (h2ot.export) except `random`, which says so (`exportable = False`):
+the selection is a rank count instead of a stable sort, and the distances are one explicit formula, so eager and
+exported models keep the same frames. Scoring runs without autograd and in fp32, also inside autocast: nothing
+backpropagates through the scores, and half-precision distances would reorder near-equal frames.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -41,6 +47,7 @@ class TokenPruner(nn.Module):
     """Base class: subclasses implement `scores(x, n, context) -> [B, T']`."""
 
     name = "base"
+    exportable = True  # False: cannot be written as one ONNX graph (h2ot.export names it)
     uses_attention = False  # True: the block before the stage records its temporal attention (h2ot.hourglass)
 
     def __init__(self, cfg: ModelConfig):
@@ -53,7 +60,7 @@ class TokenPruner(nn.Module):
     ) -> tuple[int, int]:
         """FLOPs of scoring t frames at a stage before `block`, for a backbone whose blocks hold
         `temporal_attentions` temporal attentions and split a frame into `tokens_per_frame` tokens (J, or 1):
-        (by hand: what torch's FlopCounterMode does not see, such as cdist and elementwise work; counted: the
+        (by hand: what torch's FlopCounterMode does not see, such as distances and elementwise work; counted: the
         matmuls it does see)."""
         return 0, 0
 
@@ -75,13 +82,56 @@ class TokenPruner(nn.Module):
         b, t, j, c = x.shape
         if n > t:
             raise ValueError(f"cannot keep {n} tokens of {t}")
-        scores = self.scores(x, n, context or {}).float()
-        if must_keep is not None:
-            scores = scores.masked_fill(must_keep, math.inf)
-        # A stable sort ranks equal scores by frame index, so selection is deterministic.
-        local = scores.argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values  # time order
+        with torch.no_grad(), _fp32_scoring(x):
+            scores = self.scores(x.float(), n, context or {}).float()
+            if must_keep is not None:
+                scores = scores.masked_fill(must_keep, math.inf)
+            local = top_n_in_time_order(scores, n)
         kept = torch.gather(x, 1, local[:, :, None, None].expand(b, n, j, c))
         return kept, torch.gather(frame_indices, 1, local)
+
+
+def _fp32_scoring(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off while scoring (a no-op outside autocast, which keeps export graphs free of it)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def top_n_in_time_order(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions [B, n] of the n highest scores [B, T], in time order; equal scores rank by position (the lower
+    first), as a stable descending sort would.
+
+    Written with comparisons and top-k on distinct keys so that it exports to ONNX and gives the same positions
+    in every runtime: the rank of token i is the number of tokens that beat it (a higher score, or the same score
+    earlier); the n tokens of rank < n get the key T - i (distinct, > 0) and the rest 0, so top-k of the keys lists
+    the kept tokens from the earliest on."""
+    t = scores.shape[1]
+    position = torch.arange(t, device=scores.device)
+    s_i, s_j = scores[:, :, None], scores[:, None, :]
+    earlier = position[None, :] < position[:, None]  # [i, j]: j comes before i
+    rank = ((s_j > s_i) | ((s_j == s_i) & earlier)).sum(dim=2)  # [B, T]
+    key = torch.where(rank < n, t - position, torch.zeros_like(position))
+    return key.topk(n, dim=1).indices
+
+
+# torch.cdist's default switches from direct differences to the matrix-product formula above this many rows;
+# pairwise_distances keeps that switch so that eager results (and the frames kept) stay those of torch.cdist.
+CDIST_DIRECT_MAX_ROWS = 25
+
+
+def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances [B, T, T] between the rows of feat [B, T, C], as torch.cdist computes them, written
+    with ops that export to ONNX (cdist does not): direct differences for up to 25 rows, else
+    sqrt(max(0, |a|^2 + |b|^2 - 2 a.b)) as one matrix product, the formula cdist uses there."""
+    t = feat.shape[1]
+    if t <= CDIST_DIRECT_MAX_ROWS:
+        return (feat[:, :, None] - feat[:, None, :]).pow(2).sum(dim=-1).sqrt()
+    sq = feat.pow(2).sum(dim=-1, keepdim=True)  # [B, T, 1]
+    ones = torch.ones_like(sq)
+    left = torch.cat([feat * -2, sq, ones], dim=-1)
+    right = torch.cat([feat, ones, sq], dim=-1)
+    return (left @ right.transpose(1, 2)).clamp(min=0.0).sqrt()
 
 
 @register_tpm("dpc_knn")
@@ -98,7 +148,7 @@ class DpcKnnPruner(TokenPruner):
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         t, c = x.shape[1], x.shape[3]
         feat = x.mean(dim=2).float()  # [B, T', C]
-        dist = torch.cdist(feat, feat) / math.sqrt(c)  # [B, T', T']
+        dist = pairwise_distances(feat) / math.sqrt(c)  # [B, T', T']
         k = min(self.cfg.tpm_k, t)
         knn_sq = dist.pow(2).topk(k, dim=-1, largest=False).values
         density = torch.exp(-knn_sq.mean(dim=-1))
@@ -188,7 +238,10 @@ class AttentionPruner(TokenPruner):
 @register_tpm("random")
 class RandomPruner(TokenPruner):
     """Keep n random frames (a baseline). Seeded by `model.tpm_seed`: training draws a fresh selection every
-    call from a generator seeded once; evaluation reseeds on every call, so it is deterministic."""
+    call from a generator seeded once; evaluation reseeds on every call, so it is deterministic.
+    Not exportable: its draws come from a torch.Generator that an ONNX graph cannot hold."""
+
+    exportable = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)

@@ -1,7 +1,8 @@
 """Token Recovering Modules (TRM): restore all T frames from the n kept ones.
 
 Interface: forward(x_kept [B, n, J, C], kept_indices [B, n] original frame positions, frames T) -> [B, T, J, C].
-Registry: TRM_REGISTRY["cross_attention" | "linear" | "nearest"].
+Registry: TRM_REGISTRY["cross_attention" | "linear" | "nearest"]; every strategy subclasses `TokenRecovery`, which
+states its costs for h2ot.flops and whether it exports to ONNX.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from torch import nn
 from h2ot.config import ModelConfig
 from h2ot.layers import CrossAttention, from_temporal, temporal_tokens
 
-TRM_REGISTRY: dict[str, type[nn.Module]] = {}
+TRM_REGISTRY: dict[str, type[TokenRecovery]] = {}
 
 
 def register_trm(name: str) -> Callable:
-    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+    def decorator(cls: type[TokenRecovery]) -> type[TokenRecovery]:
         TRM_REGISTRY[name] = cls
         cls.name = name
         return cls
@@ -26,7 +27,7 @@ def register_trm(name: str) -> Callable:
     return decorator
 
 
-def build_trm(cfg: ModelConfig, dim: int) -> nn.Module:
+def build_trm(cfg: ModelConfig, dim: int) -> TokenRecovery:
     if cfg.trm not in TRM_REGISTRY:
         from h2ot.config import ConfigError
 
@@ -34,8 +35,29 @@ def build_trm(cfg: ModelConfig, dim: int) -> nn.Module:
     return TRM_REGISTRY[cfg.trm](cfg, dim)
 
 
+class TokenRecovery(nn.Module):
+    """Base class: subclasses implement `forward(x_kept, kept_indices, frames) -> [B, T, J, C]` and state their
+    cost (in MACs per token of a frame; h2ot.flops multiplies by the tokens a frame holds)."""
+
+    name = "base"
+    exportable = True  # False: cannot be written as one ONNX graph (h2ot.export names it)
+
+    @classmethod
+    def linear_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
+        """MACs of the strategy's Linear layers per token of a frame, restoring `frames` from `kept`."""
+        return 0
+
+    @classmethod
+    def attention_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
+        """MACs of the strategy's attention products (QK^T and AV) per token of a frame."""
+        return 0
+
+    def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @register_trm("cross_attention")
-class CrossAttentionRecovery(nn.Module):
+class CrossAttentionRecovery(TokenRecovery):
     """T learnable zero-initialised queries; per joint, multi-head cross-attention over the kept tokens.
 
     queries [B*J, T, C] attend to the kept tokens [B*J, n, C]; the result is added to the queries (residual),
@@ -52,6 +74,17 @@ class CrossAttentionRecovery(nn.Module):
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = CrossAttention(dim, cfg.heads)
 
+    @classmethod
+    def linear_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
+        """T queries, n keys and values and T outputs, C^2 MACs each."""
+        c = cfg.dim
+        return frames * c * c + 2 * kept * c * c + frames * c * c
+
+    @classmethod
+    def attention_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
+        """QK^T and AV over T queries and n keys: 2 T n C."""
+        return 2 * frames * kept * cfg.dim
+
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
         b, _, j, c = x_kept.shape
         if frames != self.frames:
@@ -64,10 +97,13 @@ class CrossAttentionRecovery(nn.Module):
 
 def _neighbours(kept_indices: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every frame t of [0, frames): (t [B, T], left, right [B, T]): the positions among the kept frames of
-    the last kept index < t and the first kept index >= t (clamped to the ends)."""
+    the last kept index < t and the first kept index >= t (clamped to the ends).
+
+    The first kept index >= t sits at the count of kept indices < t (they are sorted): a comparison and a sum,
+    which export to ONNX where searchsorted does not."""
     b, n = kept_indices.shape
-    t = torch.arange(frames, device=kept_indices.device).expand(b, frames).contiguous()
-    right = torch.searchsorted(kept_indices.contiguous(), t).clamp(max=n - 1)
+    t = torch.arange(frames, device=kept_indices.device).expand(b, frames)
+    right = (kept_indices[:, None, :] < t[:, :, None]).sum(dim=2).clamp(max=n - 1)  # [B, T]
     return t, (right - 1).clamp(min=0), right
 
 
@@ -78,7 +114,7 @@ def _take(x_kept: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 @register_trm("linear")
-class LinearRecovery(nn.Module):
+class LinearRecovery(TokenRecovery):
     """Linear interpolation in time between the kept frames (original indices); the first/last kept frame
     is held beyond them. No parameters."""
 
@@ -97,7 +133,7 @@ class LinearRecovery(nn.Module):
 
 
 @register_trm("nearest")
-class NearestRecovery(nn.Module):
+class NearestRecovery(TokenRecovery):
     """Each frame copies the kept frame nearest to it in time (original indices; the earlier one on a tie).
     No parameters."""
 

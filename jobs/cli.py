@@ -13,14 +13,17 @@ import sys
 # name -> (module, one-line help). Later work adds lines here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the whole system end to end: Ray Data -> Ray Train (full vs H2OT) -> eval -> MLflow"),
-    "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT MixSTE (JSON)"),
+    "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT, per runtime and precision; --stream"),
     "preprocess": ("jobs.preprocess", "raw pose data -> Parquet window shards + manifest (Ray Data)"),
     "bench-preprocess": ("jobs.bench_preprocess", "Ray Data vs single-process preprocessing throughput (JSON)"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
+    "export": ("jobs.export", "a checkpoint -> one ONNX graph with the pruning inside, verified against PyTorch"),
+    "stream": ("jobs.stream", "2D keypoints as JSON lines on stdin -> one 3D pose per frame on stdout, live"),
     "train": ("jobs.train", "train a model with Ray Train (DDP), tracked in MLflow; best model -> RUN_DIR/model.pt"),
     "eval": ("jobs.eval", "MPJPE / P-MPJPE / MPJVE of a checkpoint on a shard folder (JSON), without Ray"),
     "tune": ("jobs.tune", "Ray Tune over pruning schedules, TPM/TRM and lr; GFLOPs-MPJPE Pareto front in MLflow"),
+    "gpu-check": ("jobs.gpu_check", "on a GPU machine: paper-size H2OT training with AMP, eval and bench on cuda"),
     "bench-train": ("jobs.bench_train", "samples/s of the Ray Train loop (1, 2 workers) vs a plain PyTorch loop"),
 }
 

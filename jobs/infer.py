@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     from h2ot.viz import MAX_ANIMATION_FRAMES
 
     p = argparse.ArgumentParser(prog="h2ot infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt, from h2ot train)")
+    p.add_argument("--checkpoint", required=True, help="model: .pt (h2ot train) or .onnx (h2ot export)")
+    p.add_argument("--runtime", choices=("eager", "compile", "onnx"), default=None,
+                   help="eager PyTorch (default for .pt), torch.compile, or ONNX Runtime (default for .onnx; a .pt is "
+                        "exported first): docs/DEPLOY.md")
     p.add_argument("--input", required=True, help="2D keypoints: .npy/.npz [T, 17, 2|3] or .json (docs/INFER.md)")
     p.add_argument("--layout", required=True, choices=LAYOUTS, help="joint order of the input keypoints")
     p.add_argument("--width", type=int, help="image width in pixels (required)")
@@ -99,6 +102,18 @@ def _load_model(path: str, device: str):
     return model, cfg
 
 
+def load_model_for(checkpoint: str, runtime: str | None, device: str = "cpu"):
+    """(model, cfg) for `checkpoint` in `runtime` (None: eager for .pt, onnx for .onnx)."""
+    runtime = runtime or ("onnx" if str(checkpoint).endswith(".onnx") else "eager")
+    if runtime == "eager" and not str(checkpoint).endswith(".onnx"):
+        return _load_model(checkpoint, device)
+    if device != "cpu" and runtime == "onnx":
+        raise UserError("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); use --device cpu")
+    from jobs.export import load_runtime_model
+
+    return load_runtime_model(checkpoint, runtime)
+
+
 def _one_line(error: Exception, limit: int = MAX_ERROR_CHARS) -> str:
     """The first line of an error message, shortened (torch's unpickling errors run to many lines)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(str(e)) from None
     if filled:
         log.info("interpolated %d missing joint positions (gaps of at most %d frames)", filled, args.max_gap)
-    model, cfg = _load_model(args.checkpoint, args.device)
+    model, cfg = load_model_for(args.checkpoint, args.runtime, args.device)
     try:
         x = model_input(kp_pixels, args.width, args.height, cfg.in_channels)
         result = infer_sequence(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from h2ot.config import ModelConfig
-from h2ot.pruning import TPM_REGISTRY
-from h2ot.recovery import TRM_REGISTRY
+from h2ot.pruning import TPM_REGISTRY, pairwise_distances, top_n_in_time_order
+from h2ot.recovery import TRM_REGISTRY, TokenRecovery, _neighbours
 
 
 def segments_sequence(lengths: list[int], j: int = 4, c: int = 8, seed: int = 0) -> torch.Tensor:
@@ -84,3 +87,69 @@ def test_cross_attention_trm_restores_length() -> None:
     out = trm(torch.randn(2, 9, 17, 16), torch.arange(0, 27, 3)[None].expand(2, 9), 27)
     assert out.shape == (2, 27, 17, 16)
     assert torch.all(trm.queries == 0), "queries are zero-initialised"
+
+
+# ---- exportable rewrites: the same results as the ops they replace (stable argsort, cdist, searchsorted) ----
+
+def _stable_top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The selection before the rewrite: stable descending argsort, first n, re-sorted in time."""
+    return scores.argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_n_in_time_order_matches_a_stable_sort_with_ties(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    t = [5, 27, 81, 243, 13, 40][seed]
+    tied = torch.randint(0, 4, (3, t), generator=g).float()  # many equal scores
+    distinct = torch.randn(3, t, generator=g)
+    with_inf = tied.masked_fill(torch.arange(t) == t // 2, math.inf)
+    for scores in (tied, distinct, with_inf):
+        for n in (1, max(1, t // 3), t):
+            assert torch.equal(top_n_in_time_order(scores, n), _stable_top_n(scores, n)), (t, n)
+
+
+@pytest.mark.parametrize("t", [3, 25, 26, 81, 243])
+def test_pairwise_distances_match_cdist(t: int) -> None:
+    feat = torch.randn(2, t, 32, generator=torch.Generator().manual_seed(t)) * 2 + 0.5
+    torch.testing.assert_close(pairwise_distances(feat), torch.cdist(feat, feat), rtol=1e-5, atol=1e-5)
+    if t > 25:  # the same formula as cdist there, to the bit
+        assert torch.equal(pairwise_distances(feat), torch.cdist(feat, feat))
+
+
+def test_neighbours_match_searchsorted() -> None:
+    g = torch.Generator().manual_seed(0)
+    for frames, n in ((27, 5), (81, 27), (243, 1), (9, 9)):
+        kept = torch.stack([torch.randperm(frames, generator=g)[:n].sort().values for _ in range(3)])
+        t, left, right = _neighbours(kept, frames)
+        expected_right = torch.searchsorted(kept, t.contiguous()).clamp(max=n - 1)
+        assert torch.equal(right, expected_right)
+        assert torch.equal(left, (expected_right - 1).clamp(min=0))
+
+
+def test_scoring_runs_in_fp32_without_autograd_inside_autocast() -> None:
+    x = torch.randn(2, 27, 17, 16, requires_grad=True)
+    idx = torch.arange(27)[None].expand(2, 27)
+    seen = {}
+    pruner = TPM_REGISTRY["dpc_knn"](ModelConfig(frames=27))
+    scores = pruner.scores
+
+    def spy(tokens: torch.Tensor, n: int, context: dict) -> torch.Tensor:
+        seen.update(dtype=tokens.dtype, grad=torch.is_grad_enabled(), autocast=torch.is_autocast_enabled("cpu"))
+        return scores(tokens, n, context)
+
+    pruner.scores = spy
+    _, kept_fp32 = pruner(x, 9, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens, kept_bf16 = pruner(x.bfloat16(), 9, idx)
+    assert seen == {"dtype": torch.float32, "grad": False, "autocast": False}
+    assert tokens.requires_grad, "the gathered tokens still carry gradients to the blocks"
+    assert kept_bf16.shape == kept_fp32.shape
+
+
+def test_every_trm_subclasses_the_base_and_states_its_costs() -> None:
+    cfg = ModelConfig(frames=27, dim=16, heads=2)
+    for name, cls in TRM_REGISTRY.items():
+        assert issubclass(cls, TokenRecovery), name
+        assert cls.linear_macs(cfg, 27, 9) >= 0 and cls.attention_macs(cfg, 27, 9) >= 0, name
+    assert TRM_REGISTRY["cross_attention"].linear_macs(cfg, 27, 9) == (27 + 2 * 9 + 27) * 16 * 16
+    assert TRM_REGISTRY["linear"].linear_macs(cfg, 27, 9) == 0

@@ -1,0 +1,233 @@
+"""A whole H2OT model as one ONNX graph, and the same model run back through ONNX Runtime.
+
+`export_onnx` writes the model's forward pass (embedding, blocks, the TPMs' scoring, top-n selection and gather,
+the TRM, the head) as one graph with a dynamic batch axis (torch.onnx.export with dynamo=True). The graph has one
+input and these outputs (every one [batch, ...]):
+
+    keypoints_2d   [B, frames, joints, in_channels] float32: normalised screen coordinates (h2ot.keypoints)
+    pose_3d        [B, T_out, joints, 3] float32: metres, root-relative camera frame (T_out = frames, or 1 for a
+                   seq2frame model)
+    frame_indices  [B, T_out] int64: the original frame of each output frame
+    kept_<s>       [B, n_s] int64: the frames pruning stage s kept (time order), one output per stage
+
+The file's metadata (`read_metadata`) says what the model expects and where it came from: frames, joints, input
+channels and layout, schedule, TPM, TRM, the model config as JSON, the checkpoint's SHA-256 and the code revision.
+`OnnxPoseModel` runs such a file and returns `PoseOutput` like a torch model, so `h2ot.models.predict`,
+`h2ot.inference.infer_sequence` and evaluation loops take it unchanged. Needs the `export` extra
+(onnx, onnxscript, onnxruntime), imported only here and only when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from h2ot.config import ModelConfig
+from h2ot.models.base import PoseOutput
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "keypoints_2d"
+INPUT_LAYOUT = ("[batch, frames, joints, channels] float32: normalised screen x, y (VideoPose3D's "
+                "normalize_screen_coordinates) [, confidence]; Human3.6M-17 joint order")
+EXPORT_FORMAT = "1"  # bumped when the inputs, outputs or metadata change meaning
+EXAMPLE_BATCH = 2  # a batch of 1 would let the exporter specialise the batch axis to 1
+
+
+class ExportError(ValueError):
+    """The model cannot be exported (a strategy without an ONNX form) or the export does not match PyTorch."""
+
+
+def output_names(cfg: ModelConfig) -> list[str]:
+    return ["pose_3d", "frame_indices"] + [f"kept_{s}" for s in range(len(cfg.stages))]
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise ExportError naming the strategy when the model's TPM or TRM has no ONNX form."""
+    from h2ot.pruning import TPM_REGISTRY
+    from h2ot.recovery import TRM_REGISTRY
+
+    if not cfg.stages:
+        return
+    tpm = TPM_REGISTRY.get(cfg.tpm)
+    if tpm is not None and not tpm.exportable:
+        raise ExportError(
+            f"model.tpm {cfg.tpm!r} cannot be exported to ONNX (its frame choice is drawn from a torch random "
+            f"generator, which a graph cannot hold); exportable strategies: "
+            f"{sorted(k for k, v in TPM_REGISTRY.items() if v.exportable)}"
+        )
+    trm = TRM_REGISTRY.get(cfg.trm)
+    if not cfg.seq2frame and trm is not None and not trm.exportable:
+        raise ExportError(f"model.trm {cfg.trm!r} cannot be exported to ONNX")
+
+
+class _GraphOutputs(nn.Module):
+    """The model's PoseOutput as the flat tuple of tensors a graph returns (see output_names)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(x)
+        return (out.pose_3d, out.frame_indices, *out.kept_indices)
+
+
+def export_onnx(model: nn.Module, cfg: ModelConfig, path: str | Path, metadata: dict[str, str] | None = None,
+                opset: int | None = None) -> Path:
+    """Write `model` (eval mode) as one ONNX graph with a dynamic batch axis; `metadata` is added to the file's
+    own (model_metadata). Returns the path."""
+    import onnx
+
+    check_exportable(cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.zeros(EXAMPLE_BATCH, cfg.frames, cfg.joints, cfg.in_channels)
+    example.normal_(generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1)
+    kwargs = {"opset_version": opset} if opset else {}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _GraphOutputs(model).eval(), (example,), input_names=[INPUT_NAME], output_names=output_names(cfg),
+            dynamic_shapes=({0: batch},), dynamo=True, verbose=False, **kwargs,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    meta = {**model_metadata(cfg), **(metadata or {})}
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
+    onnx.save(proto, str(path))
+    return path
+
+
+def model_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """What the graph expects and computes, as the string pairs ONNX metadata holds."""
+    return {
+        "h2ot_export_format": EXPORT_FORMAT,
+        "frames": str(cfg.frames),
+        "joints": str(cfg.joints),
+        "input_channels": str(cfg.in_channels),
+        "input_layout": INPUT_LAYOUT,
+        "output_units": "metres, root-relative camera frame (x right, y down, z forward)",
+        "backbone": cfg.backbone,
+        "schedule": json.dumps(cfg.schedule),
+        "tpm": cfg.tpm if cfg.stages else "none",
+        "trm": cfg.trm if cfg.stages and not cfg.seq2frame else "none",
+        "seq2frame": str(cfg.seq2frame).lower(),
+        "model_config": json.dumps(dataclasses.asdict(cfg)),
+    }
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an exported file (model_metadata plus what the exporter added)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def config_from_metadata(meta: dict[str, str], source: str = "ONNX file") -> ModelConfig:
+    from h2ot.config import config_from_dict
+
+    if "model_config" not in meta:
+        raise ExportError(f"{source}: no h2ot model_config in its metadata (not written by `h2ot export`)")
+    return config_from_dict({"kind": "model", "model": json.loads(meta["model_config"])}).model
+
+
+class OnnxPoseModel:
+    """An exported model run by ONNX Runtime, called like the torch model: x [B, T, J, C] -> PoseOutput.
+
+    `eval()`, `train(False)` and `to("cpu")` are accepted (and do nothing), so code written for torch models runs
+    it as is. int8 files made by `quantize_int8` load the same way."""
+
+    training = False
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.cfg = config_from_metadata(self.metadata, str(self.path))
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+
+    def __call__(self, x: torch.Tensor) -> PoseOutput:
+        pose, frame_indices, *kept = self.run(x.detach().cpu().float().numpy())
+        return PoseOutput(torch.from_numpy(pose), [torch.from_numpy(k) for k in kept], torch.from_numpy(frame_indices))
+
+    def eval(self) -> OnnxPoseModel:
+        return self
+
+    def train(self, mode: bool = True) -> OnnxPoseModel:
+        if mode:
+            raise ValueError("an ONNX model cannot be trained")
+        return self
+
+    def to(self, device: Any) -> OnnxPoseModel:
+        if torch.device(device).type != "cpu":
+            raise ValueError("this ONNX model runs on the CPU (ONNX Runtime's CPU provider); use device cpu")
+        return self
+
+
+@dataclasses.dataclass
+class Agreement:
+    """How an exported model agrees with PyTorch on the same windows."""
+
+    windows: int
+    max_abs_diff_m: float  # over every joint and coordinate
+    kept_equal: bool  # every stage's kept frames identical in every window
+    windows_with_other_frames: int
+
+    def ok(self, tolerance_m: float) -> bool:
+        return self.kept_equal and self.max_abs_diff_m <= tolerance_m
+
+
+@torch.no_grad()
+def compare(model: nn.Module, exported: OnnxPoseModel, windows: torch.Tensor, batch_size: int = 16) -> Agreement:
+    """Run both models on windows [N, T, J, C] (no flip) and compare poses and kept frames."""
+    model = model.eval()
+    worst, other = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        x = windows[i : i + batch_size]
+        ref, got = model(x), exported(x)
+        worst = max(worst, float((ref.pose_3d.float() - got.pose_3d).abs().max()))
+        differs = torch.zeros(len(x), dtype=torch.bool)
+        for a, b in zip(ref.kept_indices, got.kept_indices):
+            differs |= (a.cpu() != b).any(dim=1)
+        other += int(differs.sum())
+    return Agreement(len(windows), worst, other == 0, other)
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantization of the MatMul / Gemm weights (activations quantized on the fly);
+    the metadata is kept."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = Path(dst)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    meta = read_metadata(src)
+    meta["precision"] = "int8 dynamic (weights QInt8; MatMul, Gemm)"
+    proto = onnx.load(str(dst))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, meta)
+    onnx.save(proto, str(dst))
+    return dst

@@ -1,0 +1,165 @@
+"""ONNX export: the whole model (pruning inside) as one graph that ONNX Runtime runs with the same poses and the same
+kept frames as PyTorch, for every registered backbone x exportable TPM x TRM (fast suite: one config per backbone;
+the full matrix under -m slow); the strategy that cannot export says so by name; `h2ot export` verifies itself."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from h2ot.checkpoint import save_checkpoint  # noqa: E402
+from h2ot.config import config_from_dict  # noqa: E402
+from h2ot.export import ExportError, OnnxPoseModel, check_exportable, compare, export_onnx, read_metadata  # noqa: E402
+from h2ot.models import MODEL_REGISTRY, build_model, predict  # noqa: E402
+from h2ot.pruning import TPM_REGISTRY  # noqa: E402
+from h2ot.recovery import TRM_REGISTRY  # noqa: E402
+from jobs.export import main as export_main  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import write_tiny_shards  # noqa: E402
+
+TOLERANCE_M = 1e-4
+# One small pruned config per registered backbone (the fast suite); the slow matrix varies TPM and TRM on them.
+SMALL = {
+    "mixste": dict(backbone="mixste", frames=27, dim=32, depth=3, heads=4, schedule=[[1, 13], [2, 5]]),
+    "dstformer": dict(backbone="dstformer", frames=27, in_channels=3, dim=32, depth=3, heads=4, rep_dim=16,
+                      schedule=[[1, 13], [2, 5]], tpm="attention", trm="linear"),
+    "frameformer": dict(backbone="frameformer", frames=27, dim=32, depth=3, heads=4, schedule=[[1, 13], [2, 5]],
+                        tpm="uniform", trm="nearest"),
+    "mlp": dict(backbone="mlp", frames=27, dim=32, depth=2),
+}
+
+
+def _cfg(**fields):
+    return config_from_dict({"kind": "model", "model": fields}).model
+
+
+def _windows(cfg, n: int = 6, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, cfg.frames, cfg.joints, cfg.in_channels, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+
+def _round_trip(tmp_path: Path, cfg) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    path = export_onnx(model, cfg, tmp_path / "model.onnx")
+    exported = OnnxPoseModel(path)
+    for batch in (1, 5):  # the batch axis is dynamic: neither is the example batch the graph was traced with
+        agreement = compare(model, exported, _windows(cfg, batch), batch_size=batch)
+        assert agreement.kept_equal, f"{cfg.backbone}/{cfg.tpm}/{cfg.trm}: other kept frames at batch {batch}"
+        assert agreement.max_abs_diff_m <= TOLERANCE_M, (cfg.backbone, cfg.tpm, cfg.trm, agreement)
+    out = exported(_windows(cfg, 2))
+    assert out.pose_3d.shape[0] == 2 and len(out.kept_indices) == len(cfg.stages)
+    for kept, (_, n) in zip(out.kept_indices, cfg.stages):
+        assert kept.shape == (2, n) and torch.all(kept[:, 1:] > kept[:, :-1])
+
+
+def test_small_configs_cover_every_registered_backbone() -> None:
+    assert set(SMALL) == set(MODEL_REGISTRY), "add a small export config for the new backbone"
+
+
+@pytest.mark.parametrize("backbone", sorted(SMALL))
+def test_export_round_trip_one_per_backbone(tmp_path: Path, backbone: str) -> None:
+    _round_trip(tmp_path, _cfg(**SMALL[backbone]))
+
+
+EXPORTABLE = [
+    (backbone, tpm, trm)
+    for backbone, tpm, trm in itertools.product(sorted(SMALL), sorted(TPM_REGISTRY), sorted(TRM_REGISTRY))
+    if backbone != "mlp" and TPM_REGISTRY[tpm].exportable and TRM_REGISTRY[trm].exportable
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backbone", "tpm", "trm"), EXPORTABLE)
+def test_export_round_trip_full_matrix(tmp_path: Path, backbone: str, tpm: str, trm: str) -> None:
+    _round_trip(tmp_path, _cfg(**{**SMALL[backbone], "tpm": tpm, "trm": trm}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tpm", [name for name, cls in sorted(TPM_REGISTRY.items()) if cls.exportable])
+def test_export_round_trip_seq2frame(tmp_path: Path, tpm: str) -> None:
+    _round_trip(tmp_path, _cfg(**{**SMALL["mixste"], "seq2frame": True, "tpm": tpm}))
+
+
+def test_random_tpm_refuses_export_by_name(tmp_path: Path) -> None:
+    cfg = _cfg(**{**SMALL["mixste"], "tpm": "random"})
+    with pytest.raises(ExportError, match="'random' cannot be exported"):
+        check_exportable(cfg)
+    with pytest.raises(ExportError, match="random"):
+        export_onnx(build_model(cfg), cfg, tmp_path / "never.onnx")
+    assert not (tmp_path / "never.onnx").exists()
+    check_exportable(_cfg(**{**SMALL["mixste"], "tpm": "random", "schedule": []}))  # a full model prunes nothing
+
+
+def test_export_cli_refuses_random_in_one_line(tmp_path: Path, capsys) -> None:
+    cfg = _cfg(**{**SMALL["mixste"], "tpm": "random"})
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model(cfg), cfg)
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "random" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_cli_verifies_on_shards_and_writes_metadata(tmp_path: Path, capsys) -> None:
+    cfg = _cfg(preset="mixste_tiny")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model(cfg), cfg)
+    shards = write_tiny_shards(tmp_path / "shards", frames=cfg.frames, n_train=8, n_test=12)
+    out = tmp_path / "model.onnx"
+    code = export_main(["--checkpoint", str(ckpt), "--out", str(out), "--data", str(shards), "--windows", "12",
+                        "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["ok"] and report["same_kept_frames"] and report["source"] == "test split"
+    assert report["max_abs_diff_m"] <= TOLERANCE_M
+    assert report["mpjpe_mm_onnx"] == pytest.approx(report["mpjpe_mm_pytorch"], abs=0.01)
+    meta = read_metadata(out)
+    assert meta["frames"] == "27" and meta["joints"] == "17" and meta["input_channels"] == "2"
+    assert json.loads(meta["schedule"]) == cfg.schedule and meta["tpm"] == "dpc_knn"
+    assert meta["trm"] == "cross_attention" and "frames, joints" in meta["input_layout"]
+    import hashlib
+
+    assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert meta["code_revision"]
+    # and the file runs where a torch model runs: test-time flip through predict
+    model = build_model(cfg).eval()
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
+    x = _windows(cfg, 3)
+    with torch.no_grad():
+        ref = predict(model, x)
+    got = predict(OnnxPoseModel(out), x)
+    np.testing.assert_allclose(got.pose_3d.numpy(), ref.pose_3d.numpy(), atol=TOLERANCE_M)
+
+
+def test_export_cli_rejects_bad_output_name(tmp_path: Path, capsys) -> None:
+    assert export_main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path / "model.bin")]) == 2
+    assert ".onnx" in capsys.readouterr().err
+
+
+def test_bench_runs_every_runtime_and_precision_side_by_side(tmp_path: Path, capsys) -> None:
+    from jobs.bench import main as bench_main
+
+    shards = write_tiny_shards(tmp_path / "shards", frames=27, n_train=8, n_test=8)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("kind: model\nmodel:\n  preset: mixste_tiny\n")
+    argv = ["--config", str(config), "--runtime", "eager,onnx", "--precision", "fp32,bf16,int8", "--repeats", "1",
+            "--warmup", "0", "--data", str(shards), "--windows", "8", "--json"]
+    assert bench_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("full_clips_per_s", "h2ot_onnx_fp32_clips_per_s", "h2ot_eager_bf16_clips_per_s",
+                "h2ot_onnx_int8_clips_per_s", "throughput_ratio_onnx_fp32", "h2ot_onnx_int8_vs_eager_fp32"):
+        assert out[key] > 0, key
+    assert sorted(out["skipped"]) == ["eager/int8", "onnx/bf16"]
+    mpjpe = out["mpjpe_mm"]
+    assert mpjpe["h2ot_onnx_fp32"] == pytest.approx(mpjpe["h2ot"], abs=0.01)  # same model, other runtime
+    assert set(mpjpe) == {"full", "h2ot"} | {f"{v}_{r}" for v in ("full", "h2ot")
+                                             for r in ("eager_bf16", "onnx_fp32", "onnx_int8")}
+    assert bench_main(["--runtime", "tpu"]) == 2
+    assert "--runtime" in capsys.readouterr().err
