@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, SeqKey, describe, prepare_sequence
+from pipelines.records import BadSequence, PipelineError, SeqKey, describe
 from pipelines.safe_npz import cached_npz, npz_cache_keys, prime_npz_cache
 from pipelines.shards import (
     MANIFEST,
@@ -43,7 +43,7 @@ from pipelines.shards import (
     windows_table,
     write_shard,
 )
-from pipelines.sources.base import Plan, Source
+from pipelines.sources.base import Plan, Source, plan_checked, read_sequence
 from pipelines.windows import cut_windows, num_windows, valid_mask, window_starts
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], o
     for key in keys:
         ident = {k: key.get(k) for k in ("file", "subject", "action", "camera", "split")}
         try:
-            raw = source.load(key, cfg)
-            prep = prepare_sequence(raw, cfg.min_frames, cfg.noise_px, cfg.dropout, cfg.seed)
+            prep = read_sequence(source, key, cfg)
         except BadSequence as e:
             if cfg.strict:
                 raise PipelineError(f"{describe(key)}: {e} (--strict)") from None
@@ -403,7 +402,7 @@ def _plan(cfg: PreprocessConfig, timings: dict[str, float]) -> tuple[Plan, list[
     """The source's plan with splits assigned, its warnings (logged) and the hashed inputs (timings: plan_s)."""
     t0 = time.perf_counter()
     src = get_source(cfg.source)
-    plan = src.plan(cfg)
+    plan = plan_checked(src, cfg)
     warnings = list(plan.warnings) + assign_splits(plan, cfg, src)
     for w in warnings:
         log.warning(w)

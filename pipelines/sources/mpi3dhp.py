@@ -24,6 +24,7 @@ from pipelines.sources.base import Plan, Source
 # H36M-17 joint i <- 3DHP joint MPI3DHP_TO_H36M[i]
 MPI3DHP_TO_H36M: tuple[int, ...] = (14, 8, 9, 10, 11, 12, 13, 15, 1, 16, 0, 5, 6, 7, 2, 3, 4)
 WIDE_SEQUENCES = ("TS5", "TS6")  # 1920x1080 outdoor sequences
+MAX_IMAGE_PX = 100_000  # no camera's image is wider or taller
 
 
 def _data(path: str) -> dict:
@@ -37,6 +38,31 @@ def _data(path: str) -> dict:
     return d
 
 
+def _image_size(value: object, sequence: str) -> tuple[int, int]:
+    """`image_size` [width, height] (positive whole pixels), or the sequence's default when absent."""
+    if value is None:
+        return (1920, 1080) if sequence in WIDE_SEQUENCES else (2048, 2048)
+    size = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if size is None or size.dtype.kind not in "iuf" or size.shape != (2,):
+        raise BadSequence(f"image_size is {str(value)[:60]!r} ({type(value).__name__}); expected [width, height]")
+    if not (np.isfinite(size).all() and (size >= 1).all() and (size <= MAX_IMAGE_PX).all()
+            and (size == np.round(size)).all()):
+        raise BadSequence(f"image_size is {size.tolist()}; expected two whole numbers of pixels in "
+                          f"[1, {MAX_IMAGE_PX}]")
+    return int(size[0]), int(size[1])
+
+
+def _valid_frames(value: object, frames: int) -> np.ndarray | None:
+    """`valid` as a [T] bool mask (None when absent); one number per frame."""
+    if value is None:
+        return None
+    mask = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if mask is None or mask.dtype.kind not in "biuf" or mask.size != frames:
+        raise BadSequence(f"valid is {str(value)[:60]!r} ({getattr(mask, 'shape', type(value).__name__)}); "
+                          f"expected one number per frame ({frames})")
+    return mask.reshape(-1) > 0
+
+
 class MPI3DHPSource(Source):
     name = "3dhp"
 
@@ -47,9 +73,14 @@ class MPI3DHPSource(Source):
         self.default_test_subjects = tuple(str(s) for s in data)
         plan = Plan(inputs=[cfg.input], info={"synthetic": False, "joint_map_3dhp": list(MPI3DHP_TO_H36M)})
         for seq, entry in data.items():
-            frames = len(entry["data_3d"]) if isinstance(entry, dict) and hasattr(entry.get("data_3d"), "__len__") \
-                else 1
-            plan.keys.append({"subject": str(seq), "action": "test", "camera": "cam", "file": cfg.input,
+            if not isinstance(seq, str):
+                plan.quarantine.append({"file": cfg.input, "subject": str(seq), "action": "test", "camera": "cam",
+                                        "reason": f"data: sequence key {seq!r} is a {type(seq).__name__}, "
+                                        "not a string"})
+                continue
+            x3 = entry.get("data_3d") if isinstance(entry, dict) else None
+            frames = int(x3.shape[0]) if isinstance(x3, np.ndarray) and x3.ndim >= 1 else 1
+            plan.keys.append({"subject": seq, "action": "test", "camera": "cam", "file": cfg.input,
                               "frames": frames})
         return plan
 
@@ -61,14 +92,13 @@ class MPI3DHPSource(Source):
         for name, x, c in (("data_3d", x3, 3), ("data_2d", x2, 2)):
             if not isinstance(x, np.ndarray) or x.ndim != 3 or x.shape[1:] != (17, c):
                 raise BadSequence(f"{name} has shape {getattr(x, 'shape', type(x).__name__)}, expected [T, 17, {c}]")
+            if x.dtype.kind not in "iuf":
+                raise BadSequence(f"{name} has dtype {x.dtype}, expected numbers")
         idx = list(MPI3DHP_TO_H36M)
-        width, height = entry.get("image_size") or ((1920, 1080) if key["subject"] in WIDE_SEQUENCES
-                                                   else (2048, 2048))
+        width, height = _image_size(entry.get("image_size"), key["subject"])
         cam = Camera(name="cam", R=np.eye(3), t=np.zeros(3), fx=1.0, fy=1.0, cx=width / 2, cy=height / 2,
-                     width=int(width), height=int(height))
-        valid = entry.get("valid")
-        if valid is not None:
-            valid = np.asarray(valid).reshape(-1) > 0
+                     width=width, height=height)
+        valid = _valid_frames(entry.get("valid"), len(x3))
         return RawSequence(source=self.name, subject=key["subject"], action="test", camera=cam,
                            pose_3d=x3[:, idx] / 1000.0, world=False, pose_2d_px=x2[:, idx], frame_valid=valid,
                            file=cfg.input)
