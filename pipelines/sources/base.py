@@ -24,13 +24,15 @@ READER_SLIPS = (ValueError, TypeError, KeyError, IndexError, AttributeError, Ari
 @dataclass
 class Plan:
     """keys: sequences to load, in a stable order; quarantine: entries refused while planning (each counts as
-    one sequence in); inputs: files whose content decides the output; warnings: shown and kept in the manifest."""
+    one sequence in); inputs: files whose content decides the output; warnings: shown and kept in the manifest;
+    skipped: sequences of subjects in neither split, with the reason (each counts as one sequence in)."""
 
     keys: list[SeqKey] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # in neither split (set by the builder)
 
 
 def plan_checked(source: Source, cfg: PreprocessConfig) -> Plan:
