@@ -363,7 +363,7 @@ LOCK_POLL_S = 0.5
 def _read_own_manifest(out: Path) -> dict[str, Any]:
     """The manifest of `out` if this builder wrote it, else PipelineError (nothing is touched)."""
     try:
-        return read_manifest_file(out / MANIFEST)
+        return read_manifest_file(out / MANIFEST, written_by_builder=True)
     except ValueError as e:
         raise PipelineError(f"{e}: {out} is not a shard folder this builder wrote; nothing was changed. "
                             "Choose another --out, or move the folder away") from None

@@ -136,13 +136,13 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def read_manifest_file(path: str | Path) -> dict[str, Any]:
+def read_manifest_file(path: str | Path, written_by_builder: bool = False) -> dict[str, Any]:
     """A manifest file, parsed and checked (`check_manifest`); ValueError naming the file otherwise."""
     try:
         manifest = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:120]})") from None
-    problem = check_manifest(manifest)
+    problem = check_manifest(manifest, written_by_builder)
     if problem:
         raise ValueError(f"{path}: not a shard manifest ({problem})")
     return manifest
@@ -157,21 +157,26 @@ def safe_shard_path(rel: object) -> bool:
             and parts[1].endswith(".parquet"))
 
 
-def check_manifest(manifest: object) -> str | None:
-    """None if `manifest` has the shape this builder writes (a JSON object with build_key, schema_version, and
-    files {train|test/<name>.parquet: {bytes, rows, sha256}}), else what is wrong."""
+def check_manifest(manifest: object, written_by_builder: bool = False) -> str | None:
+    """None if `manifest` is a JSON object with schema_version and files {train|test/<name>.parquet: {bytes,
+    ...}}, else what is wrong. `written_by_builder` also requires what `build_shards` writes: build_key, and a
+    sha256 per file (the proof the builder asks before it replaces a folder)."""
     if not isinstance(manifest, dict):
         return f"a JSON {type(manifest).__name__}, not an object"
-    if not isinstance(manifest.get("build_key"), str) or not isinstance(manifest.get("schema_version"), int):
-        return "no build_key or schema_version"
+    if not isinstance(manifest.get("schema_version"), int):
+        return "no schema_version"
+    if written_by_builder and not isinstance(manifest.get("build_key"), str):
+        return "no build_key"
     files = manifest.get("files")
     if not isinstance(files, dict):
         return "no files table"
     for rel, info in files.items():
         if not safe_shard_path(rel):
             return f"file path {str(rel)[:80]!r} is not inside train/ or test/"
-        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
-            return f"file entry {rel!r} lacks bytes or sha256"
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)):
+            return f"file entry {rel!r} has no size"
+        if written_by_builder and not isinstance(info.get("sha256"), str):
+            return f"file entry {rel!r} has no sha256"
     return None
 
 
@@ -201,7 +206,7 @@ def content_hash(files: dict[str, str]) -> str:
 
 def verify_files(shard_dir: str | Path, manifest: dict[str, Any]) -> str | None:
     """None if every file the manifest lists exists with its size and content hash, else what is wrong."""
-    problem = check_manifest(manifest)
+    problem = check_manifest(manifest, written_by_builder=True)
     if problem:
         return problem
     for rel, info in manifest["files"].items():
