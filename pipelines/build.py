@@ -7,8 +7,13 @@ on the same groups, so they write byte-identical files; only the scheduling diff
 - `use_ray=False`: a plain loop in this process (fast tests, and the benchmark's baseline).
 
 Idempotent and atomic: the build key hashes the content config, the schema and the inputs' bytes; an
-unchanged key with intact files is a no-op. A build writes `.<out>.tmp-<pid>-<id>/`, checks that
-sequences in = written + quarantined, writes the manifest last and renames the folder into place.
+unchanged key with intact files (their sha256 verified) is a no-op. A build writes `.<out>.tmp-<pid>-<id>/`,
+checks that sequences in = written + quarantined + skipped (subjects in neither split, listed with the reason),
+writes the manifest last and renames the folder into place.
+
+Safe with the user's files: a folder is replaced only if the builder wrote it (its manifest schema and build
+key, nothing in it but that manifest and the train/ and test/ files it lists); otherwise the build stops with an
+error naming the foreign files and changes nothing. Builds of one `--out` are serialised by `.<out>.lock`.
 """
 
 from __future__ import annotations
@@ -430,7 +435,11 @@ def _build_lock(out: Path):
     then fails with a message naming the holder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f".{out.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PipelineError(f"{out}: cannot create the build lock {path} ({e.strerror}); is the folder "
+                            "writable?") from None
     try:
         deadline = time.monotonic() + LOCK_WAIT_S
         waited = False

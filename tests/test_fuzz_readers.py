@@ -73,15 +73,7 @@ def mpi3dhp_data() -> dict:
 
 def save_npz(target: Path | io.BytesIO, data: dict) -> None:
     """np.savez of a dict whose values are arrays or (pickled, 0-d object arrays) plain objects."""
-    arrays = {}
-    for k, v in data.items():
-        if isinstance(v, np.ndarray):
-            arrays[str(k)] = v
-        else:
-            holder = np.empty((), dtype=object)
-            holder[()] = v
-            arrays[str(k)] = holder
-    np.savez(target, **arrays)
+    np.savez(target, **{str(k): v if isinstance(v, np.ndarray) else _object_array(v) for k, v in data.items()})
 
 
 def bvh_text(frames: int = 40) -> str:
@@ -483,7 +475,7 @@ def make_cases(reader: str, kind: str, n: int, seed: int, folder: Path) -> list[
                 blobs += crafted_npy()
             elif kind == "types":
                 weird = weird_value(rng, keypoint_frames())
-                arr = np.asarray(weird if isinstance(weird, np.ndarray) else np.array(weird, dtype=object))
+                arr = weird if isinstance(weird, np.ndarray) else _object_array(weird)
                 b = io.BytesIO()
                 np.save(b, arr, allow_pickle=True)
                 blobs.append(b.getvalue())
@@ -516,9 +508,16 @@ def make_cases(reader: str, kind: str, n: int, seed: int, folder: Path) -> list[
 
 def _npz_any(data: dict) -> bytes:
     buf = io.BytesIO()
-    arrays = {k: (v if isinstance(v, np.ndarray) else np.array(v, dtype=object)) for k, v in data.items()}
+    arrays = {k: (v if isinstance(v, np.ndarray) else _object_array(v)) for k, v in data.items()}
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def _object_array(value: object) -> np.ndarray:
+    """`value` in a 0-d object array (how np.savez stores a Python object), whatever its nesting."""
+    holder = np.empty((), dtype=object)
+    holder[()] = value
+    return holder
 
 
 def _case_path(folder: Path, reader: str, kind: str, seed: int, j: int) -> Path:
