@@ -114,21 +114,23 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> np.ndarray:
+    def keypoint_array(names: list[str]) -> list[str]:
+        if NPZ_KEY in names:
+            return [NPZ_KEY]
+        if len(names) == 1:
+            return names
+        if not names:
+            raise KeypointError(f"{path}: the .npz holds no arrays")
+        raise KeypointError(
+            f"{path}: the .npz holds {len(names)} arrays {sorted(names)[:10]} and none is named {NPZ_KEY!r}; "
+            f"save the keypoints under {NPZ_KEY!r}"
+        )
+
     try:
-        data = read_npz_file(path)
+        data = read_npz_file(path, only=keypoint_array)  # only the keypoints member is read
     except ArrayFileError as e:
         raise KeypointError(f"{e}") from None
-    keys = list(data)
-    if NPZ_KEY in keys:
-        return data[NPZ_KEY]
-    if len(keys) == 1:
-        return data[keys[0]]
-    if not keys:
-        raise KeypointError(f"{path}: the .npz holds no arrays")
-    raise KeypointError(
-        f"{path}: the .npz holds {len(keys)} arrays {sorted(keys)} and none is named {NPZ_KEY!r}; "
-        f"save the keypoints under {NPZ_KEY!r}"
-    )
+    return next(iter(data.values()))
 
 
 def _load_json(path: Path) -> np.ndarray:

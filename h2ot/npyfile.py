@@ -116,8 +116,14 @@ def _member_bytes(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str) -> byte
     return b"".join(chunks)
 
 
-def read_npz_file(path: str | Path, unpickle: Unpickle | None = None) -> dict[str, Any]:
-    """Every member of an `.npz` file as {name without .npy: array} (bounded, see the module docstring)."""
+def _array_name(member: str) -> str:
+    return member[:-4] if member.endswith(".npy") else member
+
+
+def read_npz_file(path: str | Path, unpickle: Unpickle | None = None,
+                  only: Callable[[list[str]], list[str]] | None = None) -> dict[str, Any]:
+    """The members of an `.npz` file as {name without .npy: array} (bounded, see the module docstring): every
+    member, or those `only(names)` picks from the array names."""
     path = str(path)
     out = {}
     try:
@@ -125,8 +131,11 @@ def read_npz_file(path: str | Path, unpickle: Unpickle | None = None) -> dict[st
             infos = zf.infolist()
             if len(infos) > MAX_MEMBERS:
                 raise ArrayFileError(f"{path}: {len(infos)} members, more than {MAX_MEMBERS}")
+            wanted = set(only([_array_name(i.filename) for i in infos])) if only else None
             for info in infos:
-                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                name = _array_name(info.filename)
+                if wanted is not None and name not in wanted:
+                    continue
                 data = _member_bytes(zf, info, path)
                 out[name] = parse_npy(data, f"{path}: member {info.filename}", unpickle)
                 del data
