@@ -433,9 +433,9 @@ def _remove_leftovers(out: Path) -> None:
 def _build_lock(out: Path):
     """Hold `.<out>.lock` (fcntl.flock) for a whole build: a second build of the same --out waits (LOCK_WAIT_S),
     then fails with a message naming the holder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f".{out.name}.lock"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise PipelineError(f"{out}: cannot create the build lock {path} ({e.strerror}); is the folder "

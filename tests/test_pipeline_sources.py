@@ -457,3 +457,23 @@ def test_npz_pickle_must_be_an_object_array(tmp_path):
     assert (tmp_path / "p.npz").stat().st_size < 2000
     with pytest.raises(PipelineError, match="expected the object array"):
         load_npz(tmp_path / "p.npz")
+
+
+def test_an_unexpected_reader_exception_quarantines_one_sequence(tmp_path, monkeypatch):
+    from pipelines.sources.h36m import H36MSource
+
+    path = _save_h36m(tmp_path / "x.npz", {"S1": {"Walking": _walk(), "Bad": _walk()}})
+    real = H36MSource.load
+
+    def load(self, key, cfg):
+        if key["action"] == "Bad":
+            raise TypeError("a check the reader forgot")
+        return real(self, key, cfg)
+
+    monkeypatch.setattr(H36MSource, "load", load)
+    m = build_shards("h36m", out=tmp_path / "o", frames=27, input=path, train_subjects=["S1"], test_subjects=[])
+    assert m["sequences_written"] == 4 and m["sequences_quarantined"] == 4
+    assert all("unreadable (TypeError: a check the reader forgot)" in q["reason"] for q in m["quarantine"])
+    monkeypatch.setattr(H36MSource, "plan", lambda self, cfg: {}["no such key"])
+    with pytest.raises(PipelineError, match="not readable as h36m input"):
+        build_shards("h36m", out=tmp_path / "o2", frames=27, input=path)
