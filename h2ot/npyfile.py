@@ -54,8 +54,8 @@ def _npy_header(buf: io.BytesIO, where: str) -> tuple[tuple[int, ...], bool, np.
         if version not in readers:
             raise ValueError(f"unsupported .npy version {version}")
         shape, fortran, dtype = readers[version](buf, max_header_size=MAX_HEADER_BYTES)
-    except (ValueError, TypeError, SyntaxError, OverflowError, EOFError) as e:
-        raise ArrayFileError(f"{where} is not a valid .npy array ({e})") from None
+    except Exception as e:  # numpy parses the header with tokenize/ast: ValueError, SyntaxError, TokenError ...
+        raise ArrayFileError(f"{where} is not a valid .npy array ({type(e).__name__}: {e})") from None
     if not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise ArrayFileError(f"{where}: invalid shape {shape!r} in the .npy header")
     return shape, bool(fortran), dtype

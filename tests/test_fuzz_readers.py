@@ -399,6 +399,7 @@ def crafted_npy() -> list[bytes]:
     return [npy_bytes((10**12, 17, 3)), npy_bytes((2**40, 2**40)), npy_bytes((30, 17, 2), "|O", evil_pickle()),
             npy_bytes((30, 17, 2), "<U10", b"\0" * 30 * 17 * 2 * 40), npy_bytes((30, 17, 2), "<c16", b"\0" * 16320),
             npy_bytes((1,), "|V99999999999"), b"\x93NUMPY\x02\x00\xff\xff\xff\x7f" + b"{" * 1000,
+            npy_bytes((3,)).replace(b"(3,)", b"(3, "),  # found by the long run: numpy's tokenizer error
             npy_bytes((30, 17, 2), "<f8", np.full((30, 17, 2), 1e308).tobytes())]
 
 
