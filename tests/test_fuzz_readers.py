@@ -411,15 +411,25 @@ def _structured_cases(reader: str, data: dict, kind: str, rng: random.Random, ke
         save_npz(buf, d)  # type: ignore[arg-type]
         return buf.getvalue()
 
-    if kind == "truncate":
-        return [truncate(npz_bytes(data), rng)]
-    if kind == "flip":
-        return [flip(npz_bytes(data), rng)]
+    if kind in ("truncate", "flip"):
+        mutation = truncate if kind == "truncate" else flip
+        if rng.random() < 0.5:  # the archive's bytes (mostly caught by zip's CRC) ...
+            return [mutation(npz_bytes(data), rng)]
+        return [inside_members(npz_bytes(data), mutation, rng)]  # ... or a member's, re-zipped with a valid CRC
     if kind == "extreme":
         return [npz_bytes(mutate_arrays(data, rng))]
     if kind == "types":
         return [npz_bytes(mutate_types(data, rng))]
     return []
+
+
+def inside_members(npz: bytes, mutation, rng: random.Random) -> bytes:
+    """`mutation` applied to one member's bytes (npy header, data or pickle), then zipped again."""
+    with zipfile.ZipFile(io.BytesIO(npz)) as zf:
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    name = rng.choice(sorted(members))
+    members[name] = mutation(members[name], rng)
+    return zip_of(members)
 
 
 def _text_cases(data: bytes, kind: str, rng: random.Random, words: tuple[str, ...]) -> list[bytes]:
