@@ -257,7 +257,8 @@ def _number(value: object, where: str) -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise KeypointError(f"{where} must be a finite number, got {str(value)[:40]!r} ({type(value).__name__})")
+        shown = repr(value)[:40] if isinstance(value, (str, float)) else type(value).__name__
+        raise KeypointError(f"{where} must be a finite number, got {shown}")
     return float(value)
 
 

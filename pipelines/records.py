@@ -82,6 +82,20 @@ class PreparedSequence:
     reprojection_px: float | None = None
 
 
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A short, safe description of a value read from a file, for messages: never walks a nested structure
+    (an unpickled list can have 2^40 leaves through shared references) nor prints a huge integer."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes, int, float, bool, np.number)) or value is None:
+        return repr(value[:limit] if isinstance(value, (str, bytes)) else value)[:limit]
+    return f"a {type(value).__name__}"
+
+
 def describe(key: SeqKey | RawSequence) -> str:
     """'file subject/action camera' for messages."""
     if isinstance(key, RawSequence):

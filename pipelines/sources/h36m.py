@@ -19,7 +19,7 @@ import numpy as np
 from h2ot.camera import H36M_CAMERA_IDS, H36M_SUBJECTS, h36m_camera
 from h2ot.skeleton import H36M32_TO_17, NUM_JOINTS
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey
+from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey, describe_value
 from pipelines.safe_npz import load_npz_cached, unwrap
 from pipelines.sources.base import Plan, Source
 
@@ -49,9 +49,9 @@ class H36MSource(Source):
             _positions(cfg.input_2d, "positions_2d")  # fail early on an unreadable detections file
         for subject, actions in positions.items():
             if not isinstance(subject, str):
-                plan.quarantine.append({"file": cfg.input, "subject": str(subject), "action": None,
-                                        "camera": None, "reason": f"positions_3d: subject key {subject!r} is a "
-                                        f"{type(subject).__name__}, not a string"})
+                plan.quarantine.append({"file": cfg.input, "subject": describe_value(subject), "action": None,
+                                        "camera": None, "reason": f"positions_3d: subject key "
+                                        f"{describe_value(subject)} is a {type(subject).__name__}, not a string"})
                 continue
             if not isinstance(actions, dict):
                 plan.quarantine.append({"file": cfg.input, "subject": subject, "action": None, "camera": None,
@@ -60,12 +60,12 @@ class H36MSource(Source):
             for action, arr in actions.items():
                 reason = None
                 if not isinstance(action, str):
-                    reason = f"positions_3d[{subject!r}]: action key {action!r} is a {type(action).__name__}, " \
-                             "not a string"
+                    reason = f"positions_3d[{subject!r}]: action key {describe_value(action)} is a " \
+                             f"{type(action).__name__}, not a string"
                 elif subject not in H36M_SUBJECTS:
                     reason = f"unknown subject {subject} for the camera table (known: {', '.join(H36M_SUBJECTS)})"
                 if reason is not None:
-                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": str(action),
+                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": describe_value(action),
                                             "camera": None, "reason": reason})
                     continue
                 frames = int(arr.shape[0]) if isinstance(arr, np.ndarray) and arr.ndim >= 1 else 1

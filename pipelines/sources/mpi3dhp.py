@@ -17,7 +17,7 @@ import numpy as np
 
 from h2ot.camera import Camera
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey
+from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey, describe_value
 from pipelines.safe_npz import load_npz_cached, unwrap
 from pipelines.sources.base import Plan, Source
 
@@ -38,13 +38,30 @@ def _data(path: str) -> dict:
     return d
 
 
+def flat_numbers(value: object, max_len: int) -> np.ndarray | None:
+    """`value` as an array if it is one, or a flat list/tuple of at most `max_len` plain numbers; else None.
+
+    Never np.asarray on an arbitrary unpickled list: shared references make a few hundred bytes of pickle a
+    nested list with 2^40 leaves.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) <= max_len \
+            and all(isinstance(v, (bool, int, float, np.number)) for v in value):
+        try:
+            return np.asarray(value, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64
+            return None
+    return None
+
+
 def _image_size(value: object, sequence: str) -> tuple[int, int]:
     """`image_size` [width, height] (positive whole pixels), or the sequence's default when absent."""
     if value is None:
         return (1920, 1080) if sequence in WIDE_SEQUENCES else (2048, 2048)
-    size = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    size = flat_numbers(value, 2)
     if size is None or size.dtype.kind not in "iuf" or size.shape != (2,):
-        raise BadSequence(f"image_size is {str(value)[:60]!r} ({type(value).__name__}); expected [width, height]")
+        raise BadSequence(f"image_size is {describe_value(value)}; expected [width, height]")
     if not (np.isfinite(size).all() and (size >= 1).all() and (size <= MAX_IMAGE_PX).all()
             and (size == np.round(size)).all()):
         raise BadSequence(f"image_size is {size.tolist()}; expected two whole numbers of pixels in "
@@ -56,10 +73,9 @@ def _valid_frames(value: object, frames: int) -> np.ndarray | None:
     """`valid` as a [T] bool mask (None when absent); one number per frame."""
     if value is None:
         return None
-    mask = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    mask = flat_numbers(value, frames)
     if mask is None or mask.dtype.kind not in "biuf" or mask.size != frames:
-        raise BadSequence(f"valid is {str(value)[:60]!r} ({getattr(mask, 'shape', type(value).__name__)}); "
-                          f"expected one number per frame ({frames})")
+        raise BadSequence(f"valid is {describe_value(value)}; expected one number per frame ({frames})")
     return mask.reshape(-1) > 0
 
 
@@ -70,13 +86,13 @@ class MPI3DHPSource(Source):
         if not cfg.input:
             raise PipelineError("--input is required for 3dhp (data_test_3dhp.npz)")
         data = _data(cfg.input)
-        self.default_test_subjects = tuple(str(s) for s in data)
+        self.default_test_subjects = tuple(s for s in data if isinstance(s, str))
         plan = Plan(inputs=[cfg.input], info={"synthetic": False, "joint_map_3dhp": list(MPI3DHP_TO_H36M)})
         for seq, entry in data.items():
             if not isinstance(seq, str):
-                plan.quarantine.append({"file": cfg.input, "subject": str(seq), "action": "test", "camera": "cam",
-                                        "reason": f"data: sequence key {seq!r} is a {type(seq).__name__}, "
-                                        "not a string"})
+                plan.quarantine.append({"file": cfg.input, "subject": describe_value(seq), "action": "test",
+                                        "camera": "cam", "reason": f"data: sequence key {describe_value(seq)} "
+                                        f"is a {type(seq).__name__}, not a string"})
                 continue
             x3 = entry.get("data_3d") if isinstance(entry, dict) else None
             frames = int(x3.shape[0]) if isinstance(x3, np.ndarray) and x3.ndim >= 1 else 1
