@@ -65,7 +65,8 @@ class H36MSource(Source):
                 elif subject not in H36M_SUBJECTS:
                     reason = f"unknown subject {subject} for the camera table (known: {', '.join(H36M_SUBJECTS)})"
                 if reason is not None:
-                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": describe_value(action),
+                    name = action if isinstance(action, str) else describe_value(action)
+                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": name,
                                             "camera": None, "reason": reason})
                     continue
                 frames = int(arr.shape[0]) if isinstance(arr, np.ndarray) and arr.ndim >= 1 else 1
