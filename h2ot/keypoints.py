@@ -35,12 +35,13 @@ COCO-17 -> H36M-17 (`coco_to_h36m`), with COCO order 0 nose, 1 l_eye, 2 r_eye, 3
 from __future__ import annotations
 
 import json
-import zipfile
+import math
 from pathlib import Path
 
 import numpy as np
 
 from h2ot.camera import normalize_screen_coordinates
+from h2ot.npyfile import ArrayFileError, read_npy_file, read_npz_file
 from h2ot.skeleton import JOINT_NAMES, NUM_JOINTS
 
 NPZ_KEY = "keypoints"
@@ -59,6 +60,9 @@ COCO_TO_H36M_COPIED: dict[int, int] = {
     14: 6, 15: 8, 16: 10,  # right shoulder, elbow, wrist
 }
 NECK_TOWARDS_THORAX = 0.25  # neck/nose = nose + 0.25 (thorax - nose)
+MAX_JSON_BYTES = 256 << 20  # about 400 000 frames of 17 [x, y, score]; longer sequences go in .npy
+MAX_JSON_DEPTH = 10  # MMPose's video output, the deepest accepted form, nests 7 levels
+MAX_ABS_VALUE = 1e6  # |pixel| or |score| beyond this is not a keypoint
 
 
 _MAGIC: dict[str, bytes] = {".npy": b"\x93NUMPY", ".npz": b"PK"}  # first bytes of numpy's formats (npz = zip)
@@ -102,53 +106,69 @@ def load_keypoints(path: str | Path) -> np.ndarray:
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise KeypointError(f"{path}: holds pickled objects, which are not loaded; save a numeric array") from None
-        raise KeypointError(f"{path}: not a readable .npy array ({e})") from None
-    except (OSError, EOFError) as e:
-        raise KeypointError(f"{path}: not a readable .npy array ({e})") from None
+        return read_npy_file(path)
+    except ArrayFileError as e:
+        raise KeypointError(f"{e}") from None
+    except MemoryError:
+        raise KeypointError(f"{path}: does not fit in memory") from None
 
 
 def _load_npz(path: Path) -> np.ndarray:
+    def keypoint_array(names: list[str]) -> list[str]:
+        if NPZ_KEY in names:
+            return [NPZ_KEY]
+        if len(names) == 1:
+            return names
+        if not names:
+            raise KeypointError(f"{path}: the .npz holds no arrays")
+        raise KeypointError(
+            f"{path}: the .npz holds {len(names)} arrays {sorted(names)[:10]} and none is named {NPZ_KEY!r}; "
+            f"save the keypoints under {NPZ_KEY!r}"
+        )
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.keys())
-            if NPZ_KEY in keys:
-                key = NPZ_KEY
-            elif len(keys) == 1:
-                key = keys[0]
-            elif not keys:
-                raise KeypointError(f"{path}: the .npz holds no arrays")
-            else:
-                raise KeypointError(
-                    f"{path}: the .npz holds {len(keys)} arrays {sorted(keys)} and none is named {NPZ_KEY!r}; "
-                    f"save the keypoints under {NPZ_KEY!r}"
-                )
-            return data[key]
-    except KeypointError:
-        raise
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise KeypointError(f"{path}: holds pickled objects, which are not loaded; save a numeric array") from None
-        raise KeypointError(f"{path}: not a readable .npz archive ({e})") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise KeypointError(f"{path}: not a readable .npz archive ({e})") from None
+        data = read_npz_file(path, only=keypoint_array)  # only the keypoints member is read
+    except ArrayFileError as e:
+        raise KeypointError(f"{e}") from None
+    return next(iter(data.values()))
 
 
 def _load_json(path: Path) -> np.ndarray:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise KeypointError(f"{path}: {size} bytes of JSON, above the limit of {MAX_JSON_BYTES} bytes; "
+                            "save long sequences as .npy")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError) as e:
         raise KeypointError(f"{path}: cannot read the file ({e})") from None
     except json.JSONDecodeError as e:
         raise KeypointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise KeypointError(f"{path}: JSON nested too deeply (keypoint files nest at most "
+                            f"{MAX_JSON_DEPTH} levels)") from None
     return parse_keypoints_json(data, source=str(path))
+
+
+def _nesting_depth(data: object, limit: int) -> int:
+    """Depth of nested lists/dicts (a scalar is 0), counted without recursion; stops past `limit`."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def parse_keypoints_json(data: object, source: str = "JSON") -> np.ndarray:
     """Decoded JSON in form (a), (b) or (c) (module docstring) -> `[T, J, C]` with NaN for missing frames."""
+    if _nesting_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise KeypointError(f"{source}: JSON nested more than {MAX_JSON_DEPTH} levels deep; not a keypoint file "
+                            "(see docs/INFER.md for the accepted forms)")
     if isinstance(data, dict):
         if isinstance(data.get("instance_info"), list):  # MMPose video output
             data = data["instance_info"]
@@ -225,18 +245,34 @@ def _most_confident(instances: object, where: str) -> np.ndarray | None:
         if kp is None:
             continue
         has_scores = kp.shape[1] == 3 and not np.isnan(kp[:, 2]).all()
-        score = float(np.nanmean(kp[:, 2])) if has_scores else float(inst.get("bbox_score", 0.0) or 0.0)
+        score = float(np.nanmean(kp[:, 2])) if has_scores \
+            else _number(inst.get("bbox_score"), f"{where} instance {i} bbox_score")
         if best is None or score > best_score:
             best, best_score = kp, score
     return best
 
 
+def _number(value: object, where: str) -> float:
+    """A JSON score: a finite number, or 0 when absent (None)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        shown = repr(value)[:40] if isinstance(value, (str, float)) else type(value).__name__
+        raise KeypointError(f"{where} must be a finite number, got {shown}")
+    return float(value)
+
+
 def _as_float_array(value: object, where: str) -> np.ndarray:
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+        raise KeypointError(f"{where}: keypoints have dtype {value.dtype}, expected numbers")
+    if isinstance(value, (str, bytes, dict)):
+        raise KeypointError(f"{where}: keypoints must be numbers, got a {type(value).__name__}")
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise KeypointError(
-            f"{where}: keypoints are not a regular numeric array (ragged lists or non-numbers)"
+            f"{where}: keypoints are not a regular numeric array (ragged lists, non-numbers or numbers "
+            "too large)"
         ) from None
     return arr
 
@@ -266,6 +302,11 @@ def validate_keypoints(kp: np.ndarray, source: str = "keypoints") -> np.ndarray:
     if np.isinf(kp).any():
         t, j = np.argwhere(np.isinf(kp))[0][:2]
         raise KeypointError(f"{source}: infinite value at frame {t}, joint {j}")
+    absurd = np.abs(np.nan_to_num(kp)) > MAX_ABS_VALUE
+    if absurd.any():
+        t, j, c = np.argwhere(absurd)[0]
+        raise KeypointError(f"{source}: absurd value {kp[t, j, c]:.3g} at frame {t}, joint {j} "
+                            f"(|value| > {MAX_ABS_VALUE:g}; pixels and scores expected)")
     return kp
 
 

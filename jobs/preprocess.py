@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 
 from jobs._common import UserError, friendly_errors, setup_logging
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     state = "up to date, nothing done" if m["up_to_date"] else f"built in {m['seconds']:.1f} s"
     print(f"{cfg.out}: {state}{' (SYNTHETIC data)' if m['synthetic'] else ''}\n"
           f"  sequences: {m['sequences_in']} in, {m['sequences_written']} written, "
-          f"{m['sequences_quarantined']} quarantined\n"
+          f"{m['sequences_quarantined']} quarantined, {m.get('sequences_skipped', 0)} skipped\n"
           f"  windows: train {c['train']['windows']} ({len(c['train']['windows_by_subject'])} subjects), "
           f"test {c['test']['windows']} ({len(c['test']['windows_by_subject'])} subjects), {m['frames']} frames\n"
           f"  bytes: {m['bytes']['total'] / 1e6:.1f} MB ({m['bytes_ratio']:.2f}x the float32 tensors)")
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{q['reason']}")
     if len(m["quarantine"]) > 10:
         print(f"  ... {len(m['quarantine']) - 10} more in {cfg.out}/manifest.json")
+    for reason, count in Counter(s["reason"] for s in m.get("skipped", [])).most_common(10):
+        print(f"  skipped {count} sequence{'s' if count > 1 else ''}: {reason}")
     return 0
 
 

@@ -7,13 +7,20 @@ on the same groups, so they write byte-identical files; only the scheduling diff
 - `use_ray=False`: a plain loop in this process (fast tests, and the benchmark's baseline).
 
 Idempotent and atomic: the build key hashes the content config, the schema and the inputs' bytes; an
-unchanged key with intact files is a no-op. A build writes `.<out>.tmp-<pid>-<id>/`, checks that
-sequences in = written + quarantined, writes the manifest last and renames the folder into place.
+unchanged key with intact files (their sha256 verified) is a no-op. A build writes `.<out>.tmp-<pid>-<id>/`,
+checks that sequences in = written + quarantined + skipped (subjects in neither split, listed with the reason),
+writes the manifest last and renames the folder into place.
+
+Safe with the user's files: a folder is replaced only if the builder wrote it (its manifest schema and build
+key, nothing in it but that manifest and the train/ and test/ files it lists); otherwise the build stops with an
+error naming the foreign files and changes nothing. Builds of one `--out` are serialised by `.<out>.lock`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import importlib
 import json
@@ -30,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, SeqKey, describe, prepare_sequence
+from pipelines.records import BadSequence, PipelineError, SeqKey, describe
 from pipelines.safe_npz import cached_npz, npz_cache_keys, prime_npz_cache
 from pipelines.shards import (
     MANIFEST,
@@ -39,16 +46,17 @@ from pipelines.shards import (
     TENSOR_COLUMNS,
     content_hash,
     file_sha256,
+    read_manifest_file,
     verify_files,
     windows_table,
     write_shard,
 )
-from pipelines.sources.base import Plan, Source
+from pipelines.sources.base import Plan, Source, plan_checked, read_sequence
 from pipelines.windows import cut_windows, num_windows, valid_mask, window_starts
 
 log = logging.getLogger(__name__)
 
-PIPELINE_VERSION = 1  # bump when the processing changes what is written for the same inputs and config
+PIPELINE_VERSION = 2  # bump when the processing changes what is written for the same inputs and config
 SOURCE_CLASSES = {
     "synthetic": "pipelines.sources.synthetic:SyntheticSource",
     "h36m": "pipelines.sources.h36m:H36MSource",
@@ -88,16 +96,25 @@ def subject_lists(cfg: PreprocessConfig, source: Source) -> tuple[list[str], lis
 
 
 def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str]:
-    """Set key['split'] on every planned key (dropping subjects in neither split); returns warnings."""
+    """Set key['split'] on every planned key; a subject in neither split moves to `plan.skipped` with its
+    reason (nothing disappears without a word). Returns warnings."""
     warnings = []
     kept = []
     for key in plan.keys:
         split = split_of(key["subject"], cfg, source)
-        if split is not None:
+        if split is None:
+            plan.skipped.append({**{k: key.get(k) for k in ("file", "subject", "action", "camera")},
+                                 "reason": _not_in_a_split(key["subject"])})
+        else:
             kept.append({**key, "split": split})
+    quarantine = []
     for entry in plan.quarantine:
         entry.setdefault("split", split_of(str(entry.get("subject")), cfg, source))
-    plan.quarantine = [q for q in plan.quarantine if q["split"] is not None or q.get("subject") is None]
+        if entry["split"] is None and entry.get("subject") is not None:
+            plan.skipped.append({**entry, "reason": f"{_not_in_a_split(entry['subject'])} (and: {entry['reason']})"})
+        else:
+            quarantine.append(entry)
+    plan.quarantine = quarantine
     present = {k["subject"] for k in plan.keys} | {q.get("subject") for q in plan.quarantine}
     test, train = subject_lists(cfg, source)
     for name, wanted in (("test", test), ("train", train or [])):
@@ -109,6 +126,10 @@ def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str
         raise PipelineError(f"subjects {sorted(overlap)} are in both train_subjects and test_subjects")
     plan.keys = kept
     return warnings
+
+
+def _not_in_a_split(subject: object) -> str:
+    return f"subject {subject} is in neither the train nor the test subjects"
 
 
 def make_groups(keys: list[SeqKey], cfg: PreprocessConfig) -> list[list[SeqKey]]:
@@ -171,8 +192,7 @@ def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], o
     for key in keys:
         ident = {k: key.get(k) for k in ("file", "subject", "action", "camera", "split")}
         try:
-            raw = source.load(key, cfg)
-            prep = prepare_sequence(raw, cfg.min_frames, cfg.noise_px, cfg.dropout, cfg.seed)
+            prep = read_sequence(source, key, cfg)
         except BadSequence as e:
             if cfg.strict:
                 raise PipelineError(f"{describe(key)}: {e} (--strict)") from None
@@ -336,18 +356,111 @@ def _counts(sequences: list[dict[str, Any]]) -> dict[str, Any]:
     return counts
 
 
-def _remove_stale_temps(out: Path) -> None:
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        try:
-            pid = int(tmp.name.split(".tmp-")[1].split("-")[0])
-            os.kill(pid, 0)
-        except (ValueError, IndexError):
+# ------------------------------------------------------------------------------------------ the output folder
+# The builder removes only what it can prove it wrote: a folder whose manifest it wrote (check_manifest) holding
+# nothing but that manifest and the train/ and test/ files it lists; its own temporary and set-aside folders
+# (named `.<out>.tmp-*` / `.<out>.old-*`, holding nothing but a manifest and train/, test/ Parquet files).
+TMP_TAG, OLD_TAG = ".tmp-", ".old-"
+LOCK_WAIT_S = 1800.0  # a second build of the same --out waits this long for the first, then fails
+LOCK_POLL_S = 0.5
+
+
+def _read_own_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of `out` if this builder wrote it, else PipelineError (nothing is touched)."""
+    try:
+        return read_manifest_file(out / MANIFEST, written_by_builder=True)
+    except ValueError as e:
+        raise PipelineError(f"{e}: {out} is not a shard folder this builder wrote; nothing was changed. "
+                            "Choose another --out, or move the folder away") from None
+
+
+def _foreign_entries(folder: Path, listed: set[str] | None) -> list[str]:
+    """Entries of `folder` the builder did not write: anything but manifest.json and train/ and test/ holding
+    the files in `listed` (relative paths), or any `*.parquet` when `listed` is None. Symlinks are foreign."""
+    foreign = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name == MANIFEST and entry.is_file(follow_symlinks=False):
             continue
-        except ProcessLookupError:
-            log.info("removing the leftovers of an interrupted build: %s", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
+        if entry.name in SPLITS and entry.is_dir(follow_symlinks=False):
+            for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                rel = f"{entry.name}/{f.name}"
+                ours = rel in listed if listed is not None else f.name.endswith(".parquet")
+                if not (ours and f.is_file(follow_symlinks=False)):
+                    foreign.append(rel)
             continue
+        foreign.append(entry.name)
+    return foreign
+
+
+def _check_replaceable(out: Path, manifest: dict[str, Any]) -> None:
+    """PipelineError naming the files of `out` the builder did not write (then nothing is changed)."""
+    foreign = _foreign_entries(out, set(manifest["files"]))
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 8 else "")
+        raise PipelineError(f"{out} holds files this builder did not write: {shown}; a rebuild would replace the "
+                            "folder, so nothing was changed. Move them out of the folder, or choose another --out")
+
+
+def _remove_own_folder(folder: Path, listed: set[str] | None) -> bool:
+    """Delete the builder's files in `folder` (see `_foreign_entries`) and the folder if it is then empty.
+    Returns False, touching nothing, if the folder holds anything else."""
+    foreign = _foreign_entries(folder, listed)
+    if foreign:
+        log.warning("not removing %s: it holds files the builder did not write (%s)", folder, ", ".join(foreign[:5]))
+        return False
+    for split in SPLITS:
+        d = folder / split
+        if d.is_dir():
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+    (folder / MANIFEST).unlink(missing_ok=True)
+    folder.rmdir()
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary and set-aside folders interrupted builds of `out` left (called under the lock, so no
+    other build of `out` is using them)."""
+    for tag in (TMP_TAG, OLD_TAG):
+        for folder in out.parent.glob(f".{out.name}{tag}*"):
+            if folder.is_dir() and not folder.is_symlink():
+                log.info("removing the leftovers of an interrupted build: %s", folder)
+                _remove_own_folder(folder, None)
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """Hold `.<out>.lock` (fcntl.flock) for a whole build: a second build of the same --out waits (LOCK_WAIT_S),
+    then fails with a message naming the holder."""
+    path = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise PipelineError(f"{out}: cannot create the build lock {path} ({e.strerror}); is the folder "
+                            "writable?") from None
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        waited = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                if time.monotonic() > deadline:
+                    raise PipelineError(f"{out}: another build (pid {holder}) has held {path.name} for more than "
+                                        f"{LOCK_WAIT_S:.0f} s; wait for it, or stop it, then run again") from None
+                if not waited:
+                    log.warning("%s: another build (pid %s) is writing it; waiting for it to finish", out, holder)
+                    waited = True
+                time.sleep(LOCK_POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the (empty) lock file stays, removing it would race
 
 
 def build_shards(
@@ -376,6 +489,11 @@ def build_shards(
     t0 = time.perf_counter()
     out_path = Path(cfg.out).resolve()
     timings: dict[str, float] = {}
+    with _build_lock(out_path):
+        return _plan_and_build(cfg, out_path, t0, timings)
+
+
+def _plan_and_build(cfg: PreprocessConfig, out_path: Path, t0: float, timings: dict[str, float]) -> dict[str, Any]:
     ray_started = False
     try:
         inputs_exist = all(Path(p).exists() for p in (cfg.input, cfg.input_2d) if p)
@@ -403,7 +521,7 @@ def _plan(cfg: PreprocessConfig, timings: dict[str, float]) -> tuple[Plan, list[
     """The source's plan with splits assigned, its warnings (logged) and the hashed inputs (timings: plan_s)."""
     t0 = time.perf_counter()
     src = get_source(cfg.source)
-    plan = src.plan(cfg)
+    plan = plan_checked(src, cfg)
     warnings = list(plan.warnings) + assign_splits(plan, cfg, src)
     for w in warnings:
         log.warning(w)
@@ -423,24 +541,27 @@ def _build(cfg: PreprocessConfig, out_path: Path, plan: Plan, warnings: list[str
            t0: float, timings: dict[str, float], stop_ray: bool) -> dict[str, Any]:
     """The rest of build_shards once planned: the up-to-date check, then process, write and swap into place."""
     key = build_key(cfg, inputs)
+    old = None
+    if out_path.exists() and not out_path.is_dir():
+        raise PipelineError(f"{out_path} is a file, not a folder; choose another --out")
+    if out_path.is_symlink():
+        raise PipelineError(f"{out_path} is a symbolic link; give the folder it points to as --out")
     if (out_path / MANIFEST).is_file():
-        try:
-            old = json.loads((out_path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        problem = verify_files(out_path, old) if old else "unreadable manifest"
-        if old.get("build_key") == key and problem is None:
-            log.info("%s is up to date (same inputs and config): nothing to do", out_path)
+        old = _read_own_manifest(out_path)
+        problem = verify_files(out_path, old)
+        if old["build_key"] == key and problem is None:
+            log.info("%s is up to date (same inputs and config, shard hashes verified): nothing to do", out_path)
             return {**old, "up_to_date": True}
-        log.info("rebuilding %s: %s", out_path, problem if old.get("build_key") == key
+        _check_replaceable(out_path, old)
+        log.info("rebuilding %s: %s", out_path, problem if old["build_key"] == key
                  else _what_changed(old, cfg, inputs))
     elif out_path.exists() and any(out_path.iterdir()):
         raise PipelineError(f"{out_path} exists, is not empty and has no {MANIFEST}: not a shard folder; "
                             "choose another --out or remove it")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out_path)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _remove_leftovers(out_path)
+    tmp = out_path.parent / f".{out_path.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         groups = make_groups(plan.keys, cfg)
@@ -458,7 +579,7 @@ def _build(cfg: PreprocessConfig, out_path: Path, plan: Plan, warnings: list[str
             timings["task_cpu_s"] = time.process_time() - c1
         manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0, timings)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_into_place(tmp, out_path)
+        _swap_into_place(tmp, out_path, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -470,10 +591,10 @@ def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: li
     sequences = [s for r in results for s in r["sequences"]]
     quarantine = list(plan.quarantine) + [q for r in results for q in r["quarantine"]]
     files = {rel: info for r in results for rel, info in r["files"].items()}
-    n_in = len(plan.keys) + len(plan.quarantine)
-    if n_in != len(sequences) + len(quarantine):  # the invariant: nothing is lost silently
+    n_in = len(plan.keys) + len(plan.quarantine) + len(plan.skipped)
+    if n_in != len(sequences) + len(quarantine) + len(plan.skipped):  # the invariant: nothing is lost silently
         raise PipelineError(f"internal error: {n_in} sequences in, {len(sequences)} written + "
-                            f"{len(quarantine)} quarantined")
+                            f"{len(quarantine)} quarantined + {len(plan.skipped)} skipped")
     rows = sum(f["rows"] for f in files.values())
     per_row_bytes = cfg.frames * (17 * (2 + 1 + 3) * 4 + 1)
     reproj: dict[str, list[float]] = defaultdict(list)
@@ -487,6 +608,7 @@ def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: li
         "frames": cfg.frames, "stride": cfg.stride, "test_stride": cfg.effective_test_stride,
         "config": cfg.content_dict(), "inputs": inputs, "info": {k: v for k, v in plan.info.items()},
         "sequences_in": n_in, "sequences_written": len(sequences), "sequences_quarantined": len(quarantine),
+        "sequences_skipped": len(plan.skipped), "skipped": plan.skipped,
         "counts": _counts(sequences),
         "bytes": {"total": shard_bytes,
                   **{s: sum(f["bytes"] for r, f in files.items() if r.startswith(s + "/")) for s in SPLITS}},
@@ -501,12 +623,15 @@ def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: li
     }
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder to `out` (the old build, if any, is moved aside, then removed)."""
-    old = None
+def _swap_into_place(tmp: Path, out: Path, old_manifest: dict[str, Any] | None) -> None:
+    """Rename the finished temporary folder to `out`. The old build, if any, is moved aside, then its files (those
+    its manifest lists, checked by `_check_replaceable`) removed; anything else found there is left, with a warning."""
+    aside = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
+        if old_manifest is None and any(out.iterdir()):
+            raise PipelineError(f"{out} appeared during the build and is not empty; nothing was replaced")
+        aside = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, aside)
     os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        _remove_own_folder(aside, set(old_manifest["files"]) if old_manifest else set())

@@ -8,6 +8,7 @@ from typing import Any
 
 from h2ot.config import ConfigError, register_config_kind
 
+MAX_FPS = 1000.0
 SOURCES = ("h36m", "cmu", "bvh", "3dhp", "synthetic")
 
 # Fields that change how a build runs but not what it writes (left out of the idempotency key).
@@ -56,8 +57,8 @@ class PreprocessConfig:
             raise ConfigError(f"test_stride: must be >= 1, got {self.test_stride}")
         if self.noise_px < 0 or not 0 <= self.dropout < 1:
             raise ConfigError(f"noise_px must be >= 0 and dropout in [0, 1), got {self.noise_px}, {self.dropout}")
-        if self.fps <= 0:
-            raise ConfigError(f"fps: must be > 0, got {self.fps}")
+        if not 0 < self.fps <= MAX_FPS:
+            raise ConfigError(f"fps: must be in (0, {MAX_FPS}], got {self.fps}")
 
     @property
     def effective_test_stride(self) -> int:

@@ -21,6 +21,15 @@ SeqKey = dict[str, Any]  # {"subject", "action", "camera", "file", "frames", ...
 ABSURD_COORD_M = 50.0  # |coordinate| above this (metres) is not a human in a room
 ABSURD_BONE_M = 1.5  # no bone of the 17-joint skeleton is longer
 MIN_DEPTH_M = 0.1  # joints must be in front of the camera
+MAX_SEQUENCE_FRAMES = 500_000  # about 2.8 hours at 50 fps: longer is a corrupt frame count or frame time
+
+
+def resampled_frames(duration_s: float, fps: float) -> int:
+    """Frames of a motion of `duration_s` seconds resampled to `fps`; BadSequence above MAX_SEQUENCE_FRAMES."""
+    frames = int(duration_s * fps) + 1
+    if frames > MAX_SEQUENCE_FRAMES:
+        raise BadSequence(f"{duration_s:.4g} s at {fps:g} fps is {frames} frames, more than {MAX_SEQUENCE_FRAMES}")
+    return frames
 
 
 class PipelineError(RuntimeError):
@@ -71,6 +80,20 @@ class PreparedSequence:
     pose_3d: np.ndarray
     valid: np.ndarray
     reprojection_px: float | None = None
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A short, safe description of a value read from a file, for messages: never walks a nested structure
+    (an unpickled list can have 2^40 leaves through shared references) nor prints a huge integer."""
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, (str, bytes, int, float, bool, np.number)) or value is None:
+        return repr(value[:limit] if isinstance(value, (str, bytes)) else value)[:limit]
+    return f"a {type(value).__name__}"
 
 
 def describe(key: SeqKey | RawSequence) -> str:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from h2ot.npyfile import ArrayFileError, read_npz_file
 from pipelines.records import PipelineError
 
 # (module, name) pairs numpy uses to pickle arrays, dtypes and scalars (numpy 1.x and 2.x spellings).
@@ -50,47 +50,35 @@ class RestrictedUnpickler(pickle.Unpickler):
                            "and numpy arrays are allowed")
 
 
-def _read_member(zf: zipfile.ZipFile, member: str, path: str) -> Any:
-    data = io.BytesIO(zf.read(member))
+def _restricted_array(stream: io.BytesIO, where: str) -> np.ndarray:
+    """An object array's pickle, unpickled by RestrictedUnpickler; it must be the ndarray `np.save` wrote."""
     try:
-        version = np.lib.format.read_magic(data)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-        if read_header is None:
-            raise ValueError(f"unsupported .npy version {version}")
-        shape, fortran, dtype = read_header(data)
-    except ValueError as e:
-        raise PipelineError(f"{path}: member {member} is not a valid .npy array ({e})") from None
-    if not dtype.hasobject:
-        data.seek(0)
-        try:
-            return np.lib.format.read_array(data, allow_pickle=False)
-        except ValueError as e:
-            raise PipelineError(f"{path}: member {member} is truncated or corrupt ({e})") from None
-    try:
-        obj = RestrictedUnpickler(data, encoding="latin1").load()
+        obj = RestrictedUnpickler(stream, encoding="latin1").load()
     except UnsafePickle as e:
-        raise UnsafePickle(f"{path}: member {member}: {e}") from None
+        raise UnsafePickle(f"{where}: {e}") from None
+    except MemoryError:
+        raise PipelineError(f"{where}: its pickle does not fit in memory") from None
     except Exception as e:  # a broken pickle stream: any of several exception types
-        raise PipelineError(f"{path}: member {member} holds a truncated or corrupt pickle "
-                            f"({type(e).__name__}: {e})") from None
-    arr = np.asarray(obj) if not isinstance(obj, np.ndarray) else obj
-    return arr.reshape(shape) if arr.size == int(np.prod(shape)) else arr
+        raise PipelineError(f"{where} holds a truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, np.ndarray) or obj.dtype != object:
+        raise PipelineError(f"{where}: its pickle is a {type(obj).__name__}, expected the object array np.save "
+                            "writes")
+    return obj
 
 
 def load_npz(path: str | Path) -> dict[str, Any]:
-    """All arrays of an npz file (object arrays via the restricted unpickler). Errors name the file."""
+    """All arrays of an npz file (object arrays via the restricted unpickler). Errors name the file.
+
+    Sizes are checked before anything is allocated (`h2ot.npyfile`: declared shapes against the bytes
+    present, inflated sizes against a bound).
+    """
     path = str(path)
     if not os.path.isfile(path):
         raise PipelineError(f"{path}: no such file")
     try:
-        with zipfile.ZipFile(path) as zf:
-            return {m[:-4] if m.endswith(".npy") else m: _read_member(zf, m, path) for m in zf.namelist()}
-    except zipfile.BadZipFile as e:
-        raise PipelineError(f"{path}: not an npz file (not a readable zip archive: {e}); truncated download?") \
-            from None
-    except (EOFError, OSError, zipfile.LargeZipFile) as e:
-        raise PipelineError(f"{path}: truncated or unreadable npz ({e})") from None
+        return read_npz_file(path, _restricted_array)
+    except ArrayFileError as e:
+        raise PipelineError(str(e)) from None
 
 
 CacheKey = tuple[str, int, int]  # (path, mtime_ns, size)

@@ -120,16 +120,64 @@ def read_split(shard_dir: str | Path, split: str, columns: list[str] | None = No
 
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a complete shard folder; FileNotFoundError if there is none (or a partial build)."""
+    """The manifest of a complete shard folder; FileNotFoundError if there is none (or a partial build),
+    ValueError if it is not a shard manifest this code reads (`check_manifest`)."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{shard_dir}: no {MANIFEST} (not a shard folder, or an interrupted build); "
                                 "run `h2ot preprocess --out` on it")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_manifest_file(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; rebuild the shards") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {manifest.get('schema_version')}, this code reads "
                          f"{SCHEMA_VERSION}; rebuild the shards")
     return manifest
+
+
+def read_manifest_file(path: str | Path, written_by_builder: bool = False) -> dict[str, Any]:
+    """A manifest file, parsed and checked (`check_manifest`); ValueError naming the file otherwise."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({type(e).__name__}: {str(e)[:120]})") from None
+    problem = check_manifest(manifest, written_by_builder)
+    if problem:
+        raise ValueError(f"{path}: not a shard manifest ({problem})")
+    return manifest
+
+
+def safe_shard_path(rel: object) -> bool:
+    """True for `train/<name>.parquet` or `test/<name>.parquet`: no other folder, no `..`, not absolute."""
+    if not isinstance(rel, str) or "\\" in rel or "\0" in rel:
+        return False
+    parts = rel.split("/")
+    return (len(parts) == 2 and parts[0] in SPLITS and parts[1] not in ("", ".", "..")
+            and parts[1].endswith(".parquet"))
+
+
+def check_manifest(manifest: object, written_by_builder: bool = False) -> str | None:
+    """None if `manifest` is a JSON object with schema_version and files {train|test/<name>.parquet: {bytes,
+    ...}}, else what is wrong. `written_by_builder` also requires what `build_shards` writes: build_key, and a
+    sha256 per file (the proof the builder asks before it replaces a folder)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("schema_version"), int):
+        return "no schema_version"
+    if written_by_builder and not isinstance(manifest.get("build_key"), str):
+        return "no build_key"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "no files table"
+    for rel, info in files.items():
+        if not safe_shard_path(rel):
+            return f"file path {str(rel)[:80]!r} is not inside train/ or test/"
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)):
+            return f"file entry {rel!r} has no size"
+        if written_by_builder and not isinstance(info.get("sha256"), str):
+            return f"file entry {rel!r} has no sha256"
+    return None
 
 
 def manifest_hash(shard_dir: str | Path) -> str:
@@ -157,11 +205,16 @@ def content_hash(files: dict[str, str]) -> str:
 
 
 def verify_files(shard_dir: str | Path, manifest: dict[str, Any]) -> str | None:
-    """None if every file the manifest lists exists with its size, else what is wrong."""
-    for rel, info in manifest.get("files", {}).items():
+    """None if every file the manifest lists exists with its size and content hash, else what is wrong."""
+    problem = check_manifest(manifest, written_by_builder=True)
+    if problem:
+        return problem
+    for rel, info in manifest["files"].items():
         p = Path(shard_dir) / rel
-        if not p.is_file():
+        if not p.is_file() or p.is_symlink():
             return f"missing shard {rel}"
         if p.stat().st_size != info["bytes"]:
             return f"shard {rel} has {p.stat().st_size} bytes, manifest says {info['bytes']}"
+        if file_sha256(p) != info["sha256"]:
+            return f"shard {rel} does not match its sha256 in the manifest (changed on disk)"
     return None

@@ -357,3 +357,48 @@ def test_unreadable_checkpoint(tmp_path, capsys):
     assert code == 2 and "cannot load the model" in err and "Traceback" not in err and err.count("\n") == 1
     code, _, err = _run(capsys, tmp_path / "absent.pt", tmp_path / "kp.npy", tmp_path / "out")
     assert code == 2 and "no such file" in err
+
+
+# ------------------------------------------------------------------------------- crafted inputs (issue 17)
+def _npy_header_only(shape: tuple, descr: str = "<f8") -> bytes:
+    header = repr({"descr": descr, "fortran_order": False, "shape": shape}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name, content, message", [
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nested"),
+    ("deep_obj.json", '{"keypoints": ' * 50_000 + "1" + "}" * 50_000, "nested"),
+    ("fields.json", json.dumps({"instance_info": [{"instances": [{"keypoints": [[1, 2]] * 17,
+                                                                   "bbox_score": [1]}]}]}), "bbox_score"),
+    ("kp_dict.json", json.dumps([{"keypoints": {"x": 1}}]), "keypoints must be numbers"),
+    ("kp_text.json", json.dumps([{"keypoints": "abc"}]), "keypoints must be numbers"),
+    ("scores.json", json.dumps([{"keypoints": [[1, 2]] * 17, "keypoint_scores": "high"}]), "must be numbers"),
+    ("huge_int.json", '[[' + ",".join(["[1" + "0" * 400 + ", 2]"] * 17) + "]]", "too large"),
+    ("absurd.json", json.dumps([[[1e300, 5.0]] * 17] * 3), "absurd value"),
+    ("huge.npy", _npy_header_only((10**12, 17, 2)), "declares shape"),
+    ("text.npy", _npy_header_only((3, 17, 2), "<U4") + b"\0" * (3 * 17 * 2 * 16), "expected numbers"),
+])
+def test_crafted_keypoint_files_give_one_line(tmp_path, capsys, checkpoint, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = _run(capsys, checkpoint, path, tmp_path / "out")
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_crafted_npz_keypoints_are_bounded(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("keypoints.npy", "w", force_zip64=True) as f:
+            f.write(_npy_header_only((64 << 20,), "|u1"))
+            for _ in range(64):
+                f.write(b"\0" * (1 << 20))
+    with pytest.raises(KeypointError, match="zip bomb"):
+        load_keypoints(tmp_path / "bomb.npz")
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as zf:
+        zf.writestr("keypoints.npy", _npy_header_only((10**12, 17, 3)))
+    with pytest.raises(KeypointError, match="declares shape"):
+        load_keypoints(tmp_path / "big.npz")

@@ -205,3 +205,125 @@ def test_cli_synthetic(tmp_path, capsys):
     assert main(args) == 0
     assert "nothing done" in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "manifest.json").read_text())["synthetic"] is True
+
+
+# ------------------------------------------------------------------------- the output folder (issue 17)
+def test_a_foreign_manifest_folder_is_never_replaced(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for text in ('{"name": "my project"}', "[1, 2]", "not json", '{"build_key": "x", "schema_version": 1, '
+                 '"files": {"../../etc/passwd": {"bytes": 1, "sha256": "0"}}}'):
+        (out / "manifest.json").write_text(text)
+        (out / "thesis.tex").write_text("years of work")
+        with pytest.raises(PipelineError, match="not a shard folder this builder wrote; nothing was changed"):
+            build_shards("synthetic", out=out, frames=27, **TINY)
+        assert (out / "thesis.tex").read_text() == "years of work" and (out / "manifest.json").read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.lock", "mine"]
+
+
+def test_a_rebuild_refuses_files_it_did_not_write(tmp_path):
+    out = tmp_path / "s"
+    m1 = build_shards("synthetic", out=out, frames=27, stride=9, **TINY)
+    (out / "notes.txt").write_text("mine")
+    (out / "train" / "extra.parquet").write_text("mine too")
+    with pytest.raises(PipelineError, match="notes.txt, train/extra.parquet.*nothing was changed"):
+        build_shards("synthetic", out=out, frames=27, stride=27, **TINY)
+    assert (out / "notes.txt").read_text() == "mine" and manifest_hash(out) == m1["content_hash"]
+    # the same settings: up to date, nothing is touched
+    assert build_shards("synthetic", out=out, frames=27, stride=9, **TINY)["up_to_date"]
+    (out / "notes.txt").unlink()
+    (out / "train" / "extra.parquet").unlink()
+    m2 = build_shards("synthetic", out=out, frames=27, stride=27, **TINY)
+    assert not m2["up_to_date"] and manifest_hash(out) == m2["content_hash"]
+    assert not list(tmp_path.glob(".s.old-*")) and not list(tmp_path.glob(".s.tmp-*"))
+
+
+def test_crash_leftovers_are_cleaned_but_foreign_ones_kept(tmp_path):
+    out = tmp_path / "s"
+    m = build_shards("synthetic", out=out, frames=27, stride=9, **TINY)
+    import shutil
+
+    old = tmp_path / ".s.old-12345-abcdef01"  # a crash between the two renames of a swap
+    shutil.copytree(out, old)
+    odd = tmp_path / ".s.old-12346-abcdef02"
+    (odd / "train").mkdir(parents=True)
+    (odd / "train" / "keep.txt").write_text("not a shard")
+    build_shards("synthetic", out=out, frames=27, stride=27, **TINY)
+    assert not old.exists() and (odd / "train" / "keep.txt").exists()
+    assert m["content_hash"] != manifest_hash(out)
+
+
+def test_up_to_date_verifies_content_hashes(tmp_path):
+    out = tmp_path / "s"
+    m = build_shards("synthetic", out=out, frames=27, stride=9, **TINY)
+    shard = next((out / "train").glob("*.parquet"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    shard.write_bytes(bytes(data))
+    again = build_shards("synthetic", out=out, frames=27, stride=9, **TINY)
+    assert not again["up_to_date"] and manifest_hash(out) == m["content_hash"]
+    assert build_shards("synthetic", out=out, frames=27, stride=9, **TINY)["up_to_date"]
+
+
+def test_manifest_paths_stay_inside_the_splits(tmp_path):
+    from pipelines.shards import verify_files
+
+    out = tmp_path / "s"
+    build_shards("synthetic", out=out, frames=27, stride=9, **TINY)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for bad in ("../outside.parquet", "/etc/passwd", "train/../../x.parquet", "other/x.parquet", "train/a/b.parquet"):
+        changed = {**manifest, "files": {bad: {"bytes": 1, "rows": 1, "sha256": "0"}}}
+        assert "not inside train/ or test/" in verify_files(out, changed)
+        (out / "manifest.json").write_text(json.dumps(changed))
+        with pytest.raises(ValueError, match="not inside train/ or test/"):
+            load_manifest(out)
+    (out / "manifest.json").write_text("[]")
+    with pytest.raises(ValueError, match="not an object"):
+        load_manifest(out)
+
+
+def test_skipped_sequences_are_counted_and_listed(tmp_path, capsys):
+    m = build_shards("synthetic", out=tmp_path / "s", frames=27, synthetic_subjects=3, synthetic_frames=60,
+                     n_cameras=1, progress=False, train_subjects=["SYN1"], test_subjects=["SYN2"])
+    assert m["sequences_skipped"] == 4 and {s["subject"] for s in m["skipped"]} == {"SYN3"}
+    assert all("SYN3 is in neither" in s["reason"] for s in m["skipped"])
+    assert m["sequences_in"] == m["sequences_written"] + m["sequences_quarantined"] + m["sequences_skipped"] == 12
+    from jobs.preprocess import main
+
+    args = ["--source", "synthetic", "--out", str(tmp_path / "s"), "--frames", "27", "--no-ray", "--no-progress",
+            "--set", "synthetic_subjects=3", "--set", "synthetic_frames=60", "--cameras", "1",
+            "--train-subjects", "SYN1", "--test-subjects", "SYN2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "12 in, 8 written, 0 quarantined, 4 skipped" in out and "SYN3 is in neither" in out
+
+
+def test_two_builds_of_one_folder_do_not_meet(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    import pipelines.build as build
+
+    out = tmp_path / "s"
+    results, errors = [], []
+
+    def run(stride):
+        try:
+            results.append(build_shards("synthetic", out=out, frames=27, stride=stride, **TINY))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(9,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and sorted(r["up_to_date"] for r in results) == [False, True]
+    assert manifest_hash(out) == results[0]["content_hash"] == results[1]["content_hash"]
+    # a holder that does not let go: the second build fails with a clear message after LOCK_WAIT_S
+    monkeypatch.setattr(build, "LOCK_WAIT_S", 0.3)
+    with open(tmp_path / ".s.lock", "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(PipelineError, match="another build .* has held .s.lock"):
+            build_shards("synthetic", out=out, frames=27, stride=27, **TINY)
+    assert manifest_hash(out) == results[0]["content_hash"]

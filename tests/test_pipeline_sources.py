@@ -72,7 +72,10 @@ def test_every_bad_h36m_input_is_quarantined_with_its_reason(tmp_path):
     assert "2D/3D length mismatch" in reasons[("S9", "ShortDet")]
     assert ("S9", "LongDet") not in reasons  # longer detections are truncated, as VideoPose3D does
     assert all(q["file"] for q in m["quarantine"])
-    assert md["sequences_in"] == md["sequences_written"] + md["sequences_quarantined"] == 3 * 4
+    # S1 is in neither split of this build: its sequences are counted as skipped, with the reason (issue 17)
+    assert md["sequences_in"] - md["sequences_skipped"] == md["sequences_written"] + md["sequences_quarantined"] \
+        == 3 * 4
+    assert md["sequences_skipped"] and all("neither" in s["reason"] for s in md["skipped"])
     assert set(md["reprojection_px"]) == {"54138969", "55011271", "58860488", "60457274"}
     # --strict fails on the first bad sequence instead, naming it
     with pytest.raises(PipelineError, match="S1/NaN"):
@@ -301,3 +304,176 @@ def test_ray_path_writes_the_same_shards_as_one_process(tmp_path):
     ray_built = build_shards("h36m", out=tmp_path / "ray", use_ray=True, **kw)
     assert ray_built["content_hash"] == local["content_hash"]
     assert ray_built["sequences_written"] == local["sequences_written"] > 0
+
+
+# ------------------------------------------------------------------------------- crafted inputs (issue 17)
+def test_h36m_non_string_keys_are_quarantined_not_a_crash(tmp_path):
+    path = _save_h36m(tmp_path / "keys.npz", {1: {"Walking": _walk()}, "S1": {2: _walk(), "Good": _walk()}})
+    m = build_shards("h36m", out=tmp_path / "o", frames=27, stride=27, input=path, train_subjects=["S1", "1"],
+                     test_subjects=[])
+    reasons = [q["reason"] for q in m["quarantine"]]
+    assert any("subject key 1 is a int" in r for r in reasons)
+    assert any("action key 2 is a int" in r for r in reasons)
+    assert m["sequences_written"] == 4 and all(q["file"] == path for q in m["quarantine"])
+    assert m["sequences_in"] == m["sequences_written"] + m["sequences_quarantined"] + m["sequences_skipped"]
+
+
+@pytest.mark.parametrize("image_size,ok", [
+    (np.array([2048, 2048]), True), ([1920, 1080], True), (0, False), ([1920], False), ([-1920, 1080], False),
+    (np.array([np.nan, 1080.0]), False), ("1920x1080", False), ([[1920, 1080]], False), ([1e12, 1080], False),
+])
+def test_3dhp_image_size_is_validated(tmp_path, image_size, ok):
+    rng = np.random.default_rng(0)
+    x3 = rng.normal(0, 100, size=(40, 17, 3)) + [0, 0, 4000.0]
+    x2 = rng.uniform(100, 1000, size=(40, 17, 2))
+    data = {"TS1": {"data_3d": x3, "data_2d": x2, "image_size": image_size}, "TS2": {"data_3d": x3, "data_2d": x2}}
+    np.savez(tmp_path / "d.npz", data=np.array(data, dtype=object))
+    m = build_shards("3dhp", out=tmp_path / "o", frames=27, input=str(tmp_path / "d.npz"))
+    assert m["sequences_written"] == (2 if ok else 1)
+    if not ok:
+        assert [q["subject"] for q in m["quarantine"]] == ["TS1"] and "image_size" in m["quarantine"][0]["reason"]
+
+
+def _asf_with(tmp_path: Path, replace: tuple[str, str] | None = None, append_hierarchy: str | None = None) -> Path:
+    text = (CMU / "02" / "02.asf").read_text()
+    if replace:
+        assert replace[0] in text
+        text = text.replace(replace[0], replace[1], 1)
+    if append_hierarchy:
+        text = text.replace(":hierarchy\n  begin\n", f":hierarchy\n  begin\n    {append_hierarchy}\n", 1)
+    d = tmp_path / "cmu" / "02"
+    d.mkdir(parents=True)
+    (d / "02.asf").write_text(text)
+    (d / "02_03.amc").write_text((CMU / "02" / "02_03.amc").read_text())
+    return tmp_path / "cmu"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not (CMU / "02" / "02.asf").is_file(), reason="shared data (../shared) not present")
+@pytest.mark.parametrize("edit,reason", [
+    (dict(append_hierarchy="lfemur lfemur"), "own parent"),
+    (dict(append_hierarchy="ltibia lhipjoint"), "two parents"),
+    (dict(replace=("order TX TY TZ RX RY RZ", "order TX TY TZ RX RY")), "root order"),
+    (dict(replace=("order TX TY TZ RX RY RZ", "order TX TY TZ RX RY RW")), "root order"),
+    (dict(replace=("axis XYZ", "axis XYQ")), "root axis"),
+    (dict(replace=("length 0.45", "length 0")), "units length"),
+    (dict(replace=("dof rx ry rz", "dof rx ry rq")), "unknown dof"),
+])
+def test_cmu_bad_skeleton_quarantines_with_reason(tmp_path, edit, reason):
+    root = _asf_with(tmp_path, **edit)
+    m = build_shards("cmu", out=tmp_path / "o", frames=27, input=str(root), n_cameras=1, test_subjects=[])
+    assert m["sequences_written"] == 0 and m["sequences_quarantined"] == 1
+    assert reason in m["quarantine"][0]["reason"] and "02.asf" in m["quarantine"][0]["reason"]
+
+
+@pytest.mark.timeout(60)
+def test_asf_cycle_terminates(tmp_path):
+    from pipelines.records import BadSequence
+    from pipelines.sources.cmu import parse_asf
+
+    bone = "begin\n id {i}\n name {n}\n direction 0 1 0\n length 1\n axis 0 0 0 XYZ\nend\n"
+    text = (":units\n length 0.45\n angle deg\n:root\n order TX TY TZ RX RY RZ\n axis XYZ\n:bonedata\n"
+            + bone.format(i=1, n="a") + bone.format(i=2, n="b")
+            + ":hierarchy\n begin\n root a\n a b\n b a\n end\n")
+    (tmp_path / "c.asf").write_text(text)
+    with pytest.raises(BadSequence, match="cycle|two parents"):
+        parse_asf(tmp_path / "c.asf")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("edit,reason", [
+    (("CHANNELS 3 Zrotation Xrotation Yrotation", "CHANNELS 3 Zrotation Wrotation Yrotation"), "unknown channel"),
+    (("Frame Time: 0.0333333", "Frame Time: nan"), "Frame Time"),
+    (("Frame Time: 0.0333333", "Frame Time: inf"), "Frame Time"),
+    (("Frame Time: 0.0333333", "Frame Time: 0"), "Frame Time"),
+    (("Frame Time: 0.0333333", "Frame Time: 1e9"), "Frame Time"),
+    (("OFFSET -10 0 0", "OFFSET nan 0 0"), "OFFSET"),
+])
+def test_bvh_bad_fields_quarantine_with_reason(tmp_path, edit, reason):
+    d = tmp_path / "bvh" / "s"
+    d.mkdir(parents=True)
+    text = _bvh_text()
+    assert edit[0] in text
+    (d / "x.bvh").write_text(text.replace(edit[0], edit[1], 1))
+    m = build_shards("bvh", out=tmp_path / "o", frames=27, input=str(tmp_path / "bvh"), n_cameras=1,
+                     test_subjects=[])
+    assert m["sequences_quarantined"] == 1 and reason in m["quarantine"][0]["reason"]
+    assert "x.bvh" in m["quarantine"][0]["reason"]
+
+
+@pytest.mark.timeout(60)
+def test_bvh_zero_frames_and_deep_nesting(tmp_path):
+    from pipelines.records import BadSequence
+    from pipelines.sources.bvh import parse_bvh
+
+    zero = _bvh_text(frames=0)
+    (tmp_path / "zero.bvh").write_text(zero)
+    with pytest.raises(BadSequence, match="Frames: 0"):
+        parse_bvh(tmp_path / "zero.bvh")
+    deep = "HIERARCHY\n" + "".join(f"JOINT j{i}\n{{\nOFFSET 0 1 0\nCHANNELS 3 Xrotation Yrotation Zrotation\n"
+                                   for i in range(5000)) + "}\n" * 5000 + "MOTION\nFrames: 1\nFrame Time: 0.01\n"
+    (tmp_path / "deep.bvh").write_text(deep)
+    with pytest.raises(BadSequence, match="more than|nested"):
+        parse_bvh(tmp_path / "deep.bvh")
+
+
+def _npy_bytes(header_shape: tuple, descr: str = "<f8", payload: bytes = b"") -> bytes:
+    header = repr({"descr": descr, "fortran_order": False, "shape": header_shape}).encode()
+    header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + payload
+
+
+@pytest.mark.timeout(60)
+def test_npz_declared_sizes_are_checked_before_allocating(tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "huge_header.npz"
+    with zipfile.ZipFile(bomb, "w") as zf:
+        zf.writestr("positions_3d.npy", _npy_bytes((10**12, 17, 3), payload=b"\0" * 64))
+    with pytest.raises(PipelineError, match="declares shape"):
+        load_npz(bomb)
+    inflate = tmp_path / "zip_bomb.npz"
+    with zipfile.ZipFile(inflate, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("positions_3d.npy", "w", force_zip64=True) as f:
+            f.write(_npy_bytes((64 << 20,), "|u1"))
+            for _ in range(64):
+                f.write(b"\0" * (1 << 20))
+    assert inflate.stat().st_size < 1 << 20
+    with pytest.raises(PipelineError, match="zip bomb"):
+        load_npz(inflate)
+
+
+def test_npz_pickle_must_be_an_object_array(tmp_path):
+    import io
+    import zipfile
+
+    nested: list = []
+    for _ in range(30):  # 2**30 leaves as a tree, a few hundred bytes as a pickle (shared references)
+        nested = [nested, nested]
+    buf = io.BytesIO()
+    pickle.dump(nested, buf, protocol=3)
+    with zipfile.ZipFile(tmp_path / "p.npz", "w") as zf:
+        zf.writestr("positions_3d.npy", _npy_bytes((), "|O", buf.getvalue()))
+    assert (tmp_path / "p.npz").stat().st_size < 2000
+    with pytest.raises(PipelineError, match="expected the object array"):
+        load_npz(tmp_path / "p.npz")
+
+
+def test_an_unexpected_reader_exception_quarantines_one_sequence(tmp_path, monkeypatch):
+    from pipelines.sources.h36m import H36MSource
+
+    path = _save_h36m(tmp_path / "x.npz", {"S1": {"Walking": _walk(), "Bad": _walk()}})
+    real = H36MSource.load
+
+    def load(self, key, cfg):
+        if key["action"] == "Bad":
+            raise TypeError("a check the reader forgot")
+        return real(self, key, cfg)
+
+    monkeypatch.setattr(H36MSource, "load", load)
+    m = build_shards("h36m", out=tmp_path / "o", frames=27, input=path, train_subjects=["S1"], test_subjects=[])
+    assert m["sequences_written"] == 4 and m["sequences_quarantined"] == 4
+    assert all("unreadable (TypeError: a check the reader forgot)" in q["reason"] for q in m["quarantine"])
+    monkeypatch.setattr(H36MSource, "plan", lambda self, cfg: {}["no such key"])
+    with pytest.raises(PipelineError, match="not readable as h36m input"):
+        build_shards("h36m", out=tmp_path / "o2", frames=27, input=path)

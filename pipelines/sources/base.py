@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,19 +10,57 @@ import numpy as np
 
 from h2ot.camera import Camera, camera_ring
 from pipelines.config import PreprocessConfig
-from pipelines.records import RawSequence, SeqKey
+from pipelines.records import BadSequence, PipelineError, PreparedSequence, RawSequence, SeqKey, prepare_sequence
+
+log = logging.getLogger(__name__)
+
+# What a reader's own checks may have missed in a crafted file. A reader validates what it reads and raises
+# BadSequence (one sequence) or PipelineError (the whole input); anything of these types that still escapes is
+# turned into the same two outcomes below, so that one odd sequence never stops a build with a traceback.
+READER_SLIPS = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, AssertionError,
+                RecursionError, MemoryError, UnicodeError)
 
 
 @dataclass
 class Plan:
     """keys: sequences to load, in a stable order; quarantine: entries refused while planning (each counts as
-    one sequence in); inputs: files whose content decides the output; warnings: shown and kept in the manifest."""
+    one sequence in); inputs: files whose content decides the output; warnings: shown and kept in the manifest;
+    skipped: sequences of subjects in neither split, with the reason (each counts as one sequence in)."""
 
     keys: list[SeqKey] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # in neither split (set by the builder)
+
+
+def plan_checked(source: Source, cfg: PreprocessConfig) -> Plan:
+    """`source.plan(cfg)`; an unexpected exception becomes a PipelineError naming the input."""
+    try:
+        return source.plan(cfg)
+    except PipelineError:
+        raise
+    except READER_SLIPS as e:
+        log.debug("planning %s input %s failed", source.name, cfg.input, exc_info=True)
+        raise PipelineError(f"{cfg.input}: not readable as {source.name} input ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
+
+
+def read_sequence(source: Source, key: SeqKey, cfg: PreprocessConfig) -> PreparedSequence:
+    """Load and prepare one sequence; BadSequence (with the reason) for anything wrong with it.
+
+    PipelineError (a whole input unreadable) passes through; an unexpected exception becomes BadSequence.
+    """
+    try:
+        raw = source.load(key, cfg)
+        return prepare_sequence(raw, cfg.min_frames, cfg.noise_px, cfg.dropout, cfg.seed)
+    except (BadSequence, PipelineError):
+        raise
+    except READER_SLIPS as e:
+        log.warning("%s: unexpected %s while reading a sequence; quarantined", key.get("file"), type(e).__name__,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+        raise BadSequence(f"unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class Source:

@@ -22,7 +22,7 @@ import numpy as np
 
 from h2ot.skeleton import JOINT_NAMES, NUM_JOINTS
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey
+from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey, resampled_frames
 from pipelines.sources.base import Plan, Source, virtual_cameras
 from pipelines.sources.cmu import FLOOR_ANKLE_M, euler_matrix
 
@@ -47,6 +47,11 @@ DEFAULT_JOINT_NAMES: dict[str, tuple[str, ...]] = {
 }
 UNITS_M = (1.0, 0.01, 0.001, 0.0254, 0.0254 / 0.45)
 LEG_M = 0.85
+CHANNEL_NAMES = tuple(f"{axis}{kind}" for axis in "xyz" for kind in ("position", "rotation"))
+MAX_JOINTS = 1000  # exports have 20 to 100
+MAX_DEPTH = 256  # nesting of braces
+MAX_VALUE = 1e6  # |offset| or |channel value| (file units or degrees)
+MIN_FRAME_TIME_S, MAX_FRAME_TIME_S = 1e-4, 10.0  # 10 kHz to 0.1 Hz
 
 
 def parse_bvh(path: str | Path) -> tuple[list[dict], np.ndarray, float]:
@@ -76,12 +81,16 @@ def parse_bvh(path: str | Path) -> tuple[list[dict], np.ndarray, float]:
         head = tok[0]
         try:
             if head in ("ROOT", "JOINT"):
+                if len(joints) >= MAX_JOINTS:
+                    fail(i - 1, f"more than {MAX_JOINTS} joints")
                 joints.append({"name": tok[1], "parent": stack[-1] if stack else -1, "offset": None,
                                "channels": []})
                 pending_end = False
             elif head == "End":
                 pending_end = True
             elif head == "{":
+                if len(stack) >= MAX_DEPTH:
+                    fail(i - 1, f"hierarchy nested more than {MAX_DEPTH} levels deep")
                 stack.append(-2 if pending_end else len(joints) - 1)
             elif head == "}":
                 if not stack:
@@ -90,13 +99,19 @@ def parse_bvh(path: str | Path) -> tuple[list[dict], np.ndarray, float]:
                 pending_end = False
             elif head == "OFFSET":
                 if not pending_end:
-                    joints[-1]["offset"] = np.array([float(v) for v in tok[1:4]])
                     if len(tok) != 4:
                         fail(i - 1, "OFFSET needs 3 numbers")
+                    offset = np.array([float(v) for v in tok[1:4]])
+                    if not (np.isfinite(offset).all() and np.abs(offset).max() <= MAX_VALUE):
+                        fail(i - 1, f"OFFSET {' '.join(tok[1:4])} is not finite or absurd (> {MAX_VALUE:g})")
+                    joints[-1]["offset"] = offset
             elif head == "CHANNELS":
                 count = int(tok[1])
                 if len(tok) != 2 + count:
                     fail(i - 1, f"CHANNELS says {count} but lists {len(tok) - 2}")
+                unknown = [c for c in tok[2:] if c.lower() not in CHANNEL_NAMES]
+                if unknown:
+                    fail(i - 1, f"unknown channel {unknown[0][:40]!r} (expected X/Y/Z + position/rotation)")
                 joints[-1]["channels"] = tok[2:]
             elif head == "MOTION":
                 break
@@ -113,6 +128,10 @@ def parse_bvh(path: str | Path) -> tuple[list[dict], np.ndarray, float]:
         frame_time = float(lines[i + 1].split(":")[1])
     except (IndexError, ValueError):
         fail(i, "expected 'Frames: N' and 'Frame Time: t' after MOTION")
+    if frames < 1:
+        fail(i, f"Frames: {frames}; a motion needs at least one frame")
+    if not MIN_FRAME_TIME_S <= frame_time <= MAX_FRAME_TIME_S:  # also refuses NaN
+        fail(i + 1, f"Frame Time: {frame_time} s is not in [{MIN_FRAME_TIME_S}, {MAX_FRAME_TIME_S}] s")
     width = sum(len(j["channels"]) for j in joints)
     rows = []
     for k in range(i + 2, n):
@@ -124,11 +143,11 @@ def parse_bvh(path: str | Path) -> tuple[list[dict], np.ndarray, float]:
             fail(k, "malformed numbers in a motion line")
         if len(row) != width:
             fail(k, f"motion line has {len(row)} values, the hierarchy has {width} channels")
+        if not all(abs(v) <= MAX_VALUE for v in row):  # also refuses NaN
+            fail(k, f"motion line has a value that is not finite or absurd (> {MAX_VALUE:g})")
         rows.append(row)
     if len(rows) != frames:
         raise BadSequence(f"{path}: header says {frames} frames, found {len(rows)} (truncated file?)")
-    if frame_time <= 0:
-        raise BadSequence(f"{path}: Frame Time must be > 0")
     return joints, np.asarray(rows, dtype=np.float64).reshape(len(rows), width), frame_time
 
 
@@ -180,11 +199,12 @@ def to_h36m17(joints: list[dict], pos: np.ndarray, frame_time: float, fps: float
     assert set(others) == {a, b}
     x = np.stack([x[..., a], x[..., b] * sign, x[..., up] * sign], -1)
     leg = np.linalg.norm(x[:, 1] - x[:, 2], axis=-1).mean() + np.linalg.norm(x[:, 2] - x[:, 3], axis=-1).mean()
-    if not leg > 0:
-        raise BadSequence("degenerate skeleton (zero leg length)")
+    if not 0 < leg < np.inf:
+        raise BadSequence(f"degenerate skeleton (leg length {leg:.3g})")
     unit = min(UNITS_M, key=lambda u: abs(np.log(leg * u / LEG_M)))
     x = x * unit
     t_in = np.arange(len(x)) * frame_time
+    resampled_frames(float(t_in[-1]), fps)
     t_out = np.arange(0.0, t_in[-1] + 1e-9, 1.0 / fps)
     flat = x.reshape(len(x), -1)
     res = np.stack([np.interp(t_out, t_in, flat[:, k]) for k in range(flat.shape[1])], -1)

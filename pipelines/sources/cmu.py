@@ -36,7 +36,7 @@ import numpy as np
 
 from h2ot.skeleton import NUM_JOINTS
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey
+from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey, resampled_frames
 from pipelines.sources.base import Plan, Source, virtual_cameras
 
 CMU_FPS = 120.0
@@ -47,6 +47,11 @@ CMU_TO_H36M: tuple[str, ...] = (
     "root", "rhipjoint", "rfemur", "rtibia", "lhipjoint", "lfemur", "ltibia", "upperback", "thorax",
     "upperneck", "head", "lclavicle", "lhumerus", "lradius", "rclavicle", "rhumerus", "rradius",
 )
+ROOT_CHANNELS = ("TX", "TY", "TZ", "RX", "RY", "RZ")
+BONE_DOFS = ("rx", "ry", "rz", "tx", "ty", "tz", "l")
+MAX_BONES = 500  # CMU skeletons have 31
+MAX_BONE_UNITS = 1e4  # a bone length in ASF units (CMU's longest is about 7)
+MAX_AMC_VALUE = 1e6  # degrees or ASF length units
 Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
 
@@ -114,20 +119,27 @@ def parse_asf(path: str | Path) -> AsfSkeleton:
         try:
             if section == "units":
                 if tok[0] == "length":
-                    skel.length_unit = float(tok[1])
+                    skel.length_unit = _finite(tok[1], "units length", positive=True)
                 elif tok[0] == "angle":
                     skel.angle_deg = tok[1].lower().startswith("deg")
             elif section == "root":
                 if tok[0] == "order":
                     skel.root_order = [t.upper() for t in tok[1:]]
+                    if sorted(skel.root_order) != sorted(ROOT_CHANNELS):
+                        raise ValueError(f"root order {' '.join(tok[1:])!r} is not an order of "
+                                         f"{' '.join(ROOT_CHANNELS)}")
                 elif tok[0] == "axis":
-                    skel.root_axis = tok[1].upper()
+                    skel.root_axis = _axis_order(tok[1], "root axis")
             elif section == "bonedata":
                 if tok[0] == "begin":
                     bone = {"dof": []}
                 elif tok[0] == "end":
                     if bone is None or "name" not in bone or "length" not in bone or "direction" not in bone:
                         _fail(path, i, "bone without name/direction/length")
+                    if bone["name"] == "root" or bone["name"] in skel.bones:
+                        _fail(path, i, f"bone name {bone['name']!r} used twice (or named root)")
+                    if len(skel.bones) >= MAX_BONES:
+                        _fail(path, i, f"more than {MAX_BONES} bones")
                     skel.bones[bone["name"]] = Bone(bone["name"], bone["direction"], bone["length"],
                                                     bone.get("axis", np.zeros(3)), bone.get("order", "XYZ"),
                                                     bone["dof"])
@@ -136,16 +148,23 @@ def parse_asf(path: str | Path) -> AsfSkeleton:
                     if tok[0] == "name":
                         bone["name"] = tok[1]
                     elif tok[0] == "direction":
-                        bone["direction"] = np.array([float(v) for v in tok[1:4]])
                         if len(tok) < 4:
                             raise ValueError("direction needs 3 numbers")
+                        bone["direction"] = np.array([_finite(v, "direction") for v in tok[1:4]])
                     elif tok[0] == "length":
-                        bone["length"] = float(tok[1])
+                        bone["length"] = _finite(tok[1], "length")
+                        if not 0 <= bone["length"] <= MAX_BONE_UNITS:
+                            raise ValueError(f"length {tok[1]} out of [0, {MAX_BONE_UNITS:g}]")
                     elif tok[0] == "axis":
-                        bone["axis"] = np.array([float(v) for v in tok[1:4]])
-                        bone["order"] = tok[4].upper() if len(tok) > 4 else "XYZ"
+                        if len(tok) < 4:
+                            raise ValueError("axis needs 3 angles")
+                        bone["axis"] = np.array([_finite(v, "axis") for v in tok[1:4]])
+                        bone["order"] = _axis_order(tok[4], "axis order") if len(tok) > 4 else "XYZ"
                     elif tok[0] == "dof":
                         bone["dof"] = [t.lower() for t in tok[1:]]
+                        unknown = [d for d in bone["dof"] if d not in BONE_DOFS]
+                        if unknown:
+                            raise ValueError(f"unknown dof {unknown[0]!r} (known: {' '.join(BONE_DOFS)})")
             elif section == "hierarchy":
                 if tok[0] not in ("begin", "end"):
                     hierarchy.append((i, tok))
@@ -155,23 +174,56 @@ def parse_asf(path: str | Path) -> AsfSkeleton:
             _fail(path, i, f"malformed line {raw.strip()!r} ({e})")
     if not skel.bones:
         raise BadSequence(f"{path}: no :bonedata in the ASF")
-    children: dict[str, list[str]] = {}
-    for i, tok in hierarchy:
-        for child in tok[1:]:
-            if child not in skel.bones:
-                _fail(path, i, f"hierarchy names unknown bone {child!r}")
-            skel.bones[child].parent = tok[0]
-        children.setdefault(tok[0], []).extend(tok[1:])
-    stack = ["root"]
-    while stack:
-        name = stack.pop(0)
+    children = _hierarchy(path, skel, hierarchy)
+    seen = {"root"}
+    queue = ["root"]
+    while queue:  # breadth first; terminates: every bone enters the queue at most once
+        name = queue.pop(0)
         if name != "root":
             skel.order.append(name)
-        stack.extend(children.get(name, []))
+        for child in children.get(name, []):
+            if child in seen:
+                raise BadSequence(f"{path}: :hierarchy has a cycle or a bone with two parents (at {child!r})")
+            seen.add(child)
+            queue.append(child)
     missing = [b for b in skel.bones if b not in skel.order]
     if missing:
         raise BadSequence(f"{path}: bones not reachable from root in :hierarchy: {missing[:5]}")
     return skel
+
+
+def _hierarchy(path: str, skel: AsfSkeleton, lines: list[tuple[int, list[str]]]) -> dict[str, list[str]]:
+    """`:hierarchy` lines -> parent -> children, each bone's parent set; one parent per bone, no self-loop."""
+    children: dict[str, list[str]] = {}
+    for i, tok in lines:
+        parent = tok[0]
+        if parent != "root" and parent not in skel.bones:
+            _fail(path, i, f"hierarchy names unknown parent {parent!r}")
+        for child in tok[1:]:
+            if child not in skel.bones:
+                _fail(path, i, f"hierarchy names unknown bone {child!r}")
+            if child == parent:
+                _fail(path, i, f"bone {child!r} is its own parent (a cycle)")
+            if skel.bones[child].parent is not None:
+                _fail(path, i, f"bone {child!r} has two parents ({skel.bones[child].parent!r}, {parent!r})")
+            skel.bones[child].parent = parent
+        children.setdefault(parent, []).extend(tok[1:])
+    return children
+
+
+def _finite(token: str, field: str, positive: bool = False) -> float:
+    value = float(token)
+    if not np.isfinite(value) or (positive and value <= 0):
+        kind = "finite positive" if positive else "finite"
+        raise ValueError(f"{field} {token!r} must be a {kind} number")
+    return value
+
+
+def _axis_order(token: str, field: str) -> str:
+    order = token.upper()
+    if sorted(order) != ["X", "Y", "Z"]:
+        raise ValueError(f"{field} {token!r} is not an order of X, Y and Z")
+    return order
 
 
 def parse_amc(path: str | Path, skel: AsfSkeleton) -> dict[str, np.ndarray]:
@@ -188,7 +240,7 @@ def parse_amc(path: str | Path, skel: AsfSkeleton) -> dict[str, np.ndarray]:
         if not line or line.startswith("#") or line.startswith(":"):
             continue
         tok = line.split()
-        if len(tok) == 1 and tok[0].isdigit():
+        if len(tok) == 1 and tok[0].isascii() and tok[0].isdigit():
             if int(tok[0]) != len(frames) + 1:
                 _fail(path, i, f"frame number {tok[0]} out of sequence (expected {len(frames) + 1})")
             current = {}
@@ -205,6 +257,9 @@ def parse_amc(path: str | Path, skel: AsfSkeleton) -> dict[str, np.ndarray]:
             values = [float(v) for v in tok[1:]]
         except ValueError:
             _fail(path, i, f"malformed numbers in {line[:60]!r}")
+        if not all(np.isfinite(v) and abs(v) <= MAX_AMC_VALUE for v in values):
+            _fail(path, i, f"{name} has a value that is not finite or absurd (|value| > {MAX_AMC_VALUE:g}): "
+                  f"{line[:60]!r}")
         if len(values) != expected:
             _fail(path, i, f"{name} has {len(values)} values, the ASF gives it {expected} dofs")
         current[name] = values
@@ -258,6 +313,7 @@ def to_h36m17(skel: AsfSkeleton, positions: dict[str, np.ndarray], fps: float) -
     x = x @ Y_UP_TO_Z_UP.T
     n = len(x)
     t_in = np.arange(n) / CMU_FPS
+    resampled_frames(float(t_in[-1]), fps)
     t_out = np.arange(0.0, t_in[-1] + 1e-9, 1.0 / fps)
     flat = x.reshape(n, -1)
     res = np.stack([np.interp(t_out, t_in, flat[:, k]) for k in range(flat.shape[1])], -1)
@@ -289,7 +345,7 @@ def _frames_estimate(amc: Path) -> int:
         with open(amc, "rb") as f:
             f.seek(max(0, amc.stat().st_size - 4096))
             for line in reversed(f.read().decode(errors="replace").splitlines()):
-                if line.strip().isdigit():
+                if line.strip().isascii() and line.strip().isdigit():
                     return int(line.strip())
     except OSError:
         pass

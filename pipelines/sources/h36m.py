@@ -19,7 +19,7 @@ import numpy as np
 from h2ot.camera import H36M_CAMERA_IDS, H36M_SUBJECTS, h36m_camera
 from h2ot.skeleton import H36M32_TO_17, NUM_JOINTS
 from pipelines.config import PreprocessConfig
-from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey
+from pipelines.records import BadSequence, PipelineError, RawSequence, SeqKey, describe_value
 from pipelines.safe_npz import load_npz_cached, unwrap
 from pipelines.sources.base import Plan, Source
 
@@ -48,20 +48,30 @@ class H36MSource(Source):
         if cfg.input_2d:
             _positions(cfg.input_2d, "positions_2d")  # fail early on an unreadable detections file
         for subject, actions in positions.items():
-            subject = str(subject)
+            if not isinstance(subject, str):
+                plan.quarantine.append({"file": cfg.input, "subject": describe_value(subject), "action": None,
+                                        "camera": None, "reason": f"positions_3d: subject key "
+                                        f"{describe_value(subject)} is a {type(subject).__name__}, not a string"})
+                continue
             if not isinstance(actions, dict):
                 plan.quarantine.append({"file": cfg.input, "subject": subject, "action": None, "camera": None,
                                         "reason": f"subject entry is a {type(actions).__name__}, not a dict"})
                 continue
             for action, arr in actions.items():
-                if subject not in H36M_SUBJECTS:
-                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": str(action),
-                                            "camera": None, "reason": f"unknown subject {subject} for the "
-                                            f"camera table (known: {', '.join(H36M_SUBJECTS)})"})
+                reason = None
+                if not isinstance(action, str):
+                    reason = f"positions_3d[{subject!r}]: action key {describe_value(action)} is a " \
+                             f"{type(action).__name__}, not a string"
+                elif subject not in H36M_SUBJECTS:
+                    reason = f"unknown subject {subject} for the camera table (known: {', '.join(H36M_SUBJECTS)})"
+                if reason is not None:
+                    name = action if isinstance(action, str) else describe_value(action)
+                    plan.quarantine.append({"file": cfg.input, "subject": subject, "action": name,
+                                            "camera": None, "reason": reason})
                     continue
                 frames = int(arr.shape[0]) if isinstance(arr, np.ndarray) and arr.ndim >= 1 else 1
                 for cam in H36M_CAMERA_IDS:
-                    plan.keys.append({"subject": subject, "action": str(action), "camera": cam,
+                    plan.keys.append({"subject": subject, "action": action, "camera": cam,
                                       "file": cfg.input, "frames": frames})
         plan.info = {"synthetic": False, "fps": 50, "detections": cfg.input_2d}
         return plan
@@ -80,7 +90,7 @@ class H36MSource(Source):
             det = _positions(cfg.input_2d, "positions_2d")
             try:
                 per_cam = det[subject][action]
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, IndexError):
                 raise BadSequence(f"no 2D detections for {subject}/{action} in {cfg.input_2d}") from None
             if not isinstance(per_cam, (list, tuple, np.ndarray)) or len(per_cam) != len(H36M_CAMERA_IDS):
                 raise BadSequence(f"2D entry for {subject}/{action} is not a list of {len(H36M_CAMERA_IDS)} "
