@@ -58,6 +58,17 @@ def print_figures(figures: dict, as_json: bool, width: int = 24) -> None:
         print(f"{key:>{width}}: {value}")
 
 
+def shard_manifest(data: str | Path) -> dict:
+    """The manifest of a shard folder; a malformed one (not an object, paths outside train/ and test/, another
+    schema) is a UserError naming the file, not a traceback."""
+    from pipelines.shards import load_manifest
+
+    try:
+        return load_manifest(data)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def require_shards(data: str | Path) -> None:
     """A UserError unless `data` is a folder (the shards of `h2ot preprocess`)."""
     if not Path(data).is_dir():

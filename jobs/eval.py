@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs._common import UserError, add_output_flags, friendly_errors, setup_logging
+from jobs._common import UserError, add_output_flags, friendly_errors, setup_logging, shard_manifest
 
 
 def resolve_device(device: str) -> Any:
@@ -42,7 +42,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     from h2ot.checkpoint import load_checkpoint
     from h2ot.flops import model_gflops
     from jobs.evaluation import ShardMismatch, check_frames, evaluate, load_windows
-    from pipelines.shards import load_manifest
 
     if threads:
         torch.set_num_threads(threads)
@@ -51,7 +50,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, split: str
     from h2ot.config import config_from_dict
 
     mcfg = config_from_dict({"kind": "model", "model": payload["model_config"]}).model
-    manifest = load_manifest(data_dir)
+    manifest = shard_manifest(data_dir)
     try:
         check_frames(int(manifest["frames"]), mcfg.frames, str(data_dir))
     except ShardMismatch as e:

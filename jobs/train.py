@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ray_session import connect
-from jobs._common import UserError, add_output_flags, friendly_errors, require_shards, setup_logging
+from jobs._common import UserError, add_output_flags, friendly_errors, require_shards, setup_logging, shard_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def default_storage_path(cfg: Any, out_dir: str | Path) -> str:
 def check_shards(cfg: Any, data_dir: str | Path) -> dict[str, Any]:
     """The shard manifest, after checking it fits the model (window length). Raises UserError otherwise."""
     from jobs.evaluation import ShardMismatch, check_frames
-    from pipelines.shards import load_manifest, split_files
+    from pipelines.shards import split_files
 
-    manifest = load_manifest(data_dir)
+    manifest = shard_manifest(data_dir)
     try:
         check_frames(int(manifest["frames"]), cfg.model.frames, str(data_dir))
     except ShardMismatch as e:

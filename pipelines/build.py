@@ -236,14 +236,10 @@ def run_local(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str) -
 
 
 def init_ray(num_cpus: int | None = None) -> bool:
-    """Start a local Ray (loopback only, no dashboard) unless one is running; True if this call started it."""
-    import ray
+    """Connect to RAY_ADDRESS or start a local Ray (no dashboard) unless this process is; True if this call did."""
+    from cluster.ray_session import connect
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return True
+    return connect(num_cpus=num_cpus, dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
