@@ -26,8 +26,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
                    schedule=[[2, 81], [4, 41], [6, 21]]),
     # CPU-size presets: each is the model of the configs of the same name (configs/h2ot_<name>.yaml is the preset,
     # configs/<name>.yaml the preset with `schedule: []`). The schedules and TRMs of mixste_small and
-    # frameformer_small were chosen by training them on Human3.6M (docs/RESULTS.md). Small MixSTE: 27 frames, 3 loops, 64 wide, root-relative input; loop 1 sees 13 of
-    # the 27 frames, loop 2 sees 9, and the linear TRM interpolates the 9 back to 27 (0.60x the full GFLOPs).
+    # frameformer_small were chosen by training them on Human3.6M (docs/RESULTS.md).
+    # Small MixSTE: 27 frames, 3 loops, 64 wide, root-relative input; loop 1 sees 13 of the 27 frames, loop 2 sees
+    # 9, and the linear TRM interpolates the 9 back to 27 (0.60x the full GFLOPs).
     "mixste_small": dict(backbone="mixste", frames=27, dim=64, depth=3, heads=4, mlp_ratio=2.0, center_2d=True,
                          schedule=[[1, 13], [2, 9]], trm="linear"),
     # The first small MixSTE (4 loops, 32 wide, screen-position input, cross-attention TRM): the model of the
