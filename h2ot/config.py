@@ -118,7 +118,8 @@ class OptimConfig:
 class ScalingSettings:
     num_workers: int = 2
     use_gpu: bool | None = None  # None: use a GPU when the cluster has one
-    cpus_per_worker: float = 0.5  # < 1 leaves CPUs for Ray Data (ECOSYSTEM.md: starvation otherwise)
+    # < 1 leaves CPU for Ray Data: with every CPU held by Train workers, its read tasks wait and the run stalls
+    cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
     torch_threads: int = 1
 
@@ -182,7 +183,7 @@ class TuneSettings:
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
     workers_per_trial: int | None = None  # Ray Train workers per trial; None: the base config's, capped to the cluster
-    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (ECOSYSTEM.md: starvation otherwise)
+    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (else they wait behind the trials)
     hot_schedule: list[list[int]] = field(default_factory=list)  # the one-stage HoT point marked on the plot
     seeds: list[int] = field(default_factory=list)  # train every drawn trial once per seed (optim.seed); []: base
 
