@@ -1,8 +1,9 @@
 """Typed configuration: dataclasses, YAML loading and `--set a.b=value` overrides.
 
 Every YAML file names its `kind` (model, train, tune, ...); the dotted override keys mirror the YAML nesting
-(`--set train.epochs=2`, `--set model.schedule=[[3,81]]`). Configs travel to Ray as plain dicts
-(`dataclasses.asdict`) and are rebuilt with `config_from_dict` on the other side.
+(`--set train.epochs=2`, `--set model.schedule=[[3,81]]`). A file may name a `base` file (a path relative to it)
+and change only a few keys: mappings merge key by key, lists and values replace (see `resolve_bases`). Configs
+travel to Ray as plain dicts (`dataclasses.asdict`) and are rebuilt with `config_from_dict` on the other side.
 """
 
 from __future__ import annotations
@@ -16,21 +17,24 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names the key."""
-
+from h2ot.registry import ConfigError, Registry
 
 # --------------------------------------------------------------------------------------------- model
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
+_PRESETS: dict[str, dict[str, Any]] = {
     # Paper size (MixSTE CVPR'22): 8 loops of spatial + temporal blocks, 512 wide, 243 frames.
     "mixste": dict(backbone="mixste", frames=243, dim=512, depth=8, heads=8, mlp_ratio=2.0,
                    schedule=[[2, 81], [4, 41], [6, 21]]),
-    # CPU-size presets; their schedules are chosen by the training measurements in docs/RESULTS.md.
-    # 27 frames, 4 loops, 32 wide: converges within a few hundred CPU steps (docs/RESULTS.md). Schedule: blocks 1-2
-    # see 9 of the 27 frames, block 3 sees 5; the TRM restores 27.
-    "mixste_small": dict(backbone="mixste", frames=27, dim=32, depth=4, heads=4, mlp_ratio=2.0,
-                         schedule=[[1, 9], [3, 5]]),
+    # CPU-size presets: each is the model of the configs of the same name (configs/h2ot_<name>.yaml is the preset,
+    # configs/<name>.yaml the preset with `schedule: []`). The schedules and TRMs of mixste_small and
+    # frameformer_small were chosen by training them on Human3.6M (docs/RESULTS.md).
+    # Small MixSTE: 27 frames, 3 loops, 64 wide, root-relative input; loop 1 sees 13 of the 27 frames, loop 2 sees
+    # 9, and the linear TRM interpolates the 9 back to 27 (0.60x the full GFLOPs).
+    "mixste_small": dict(backbone="mixste", frames=27, dim=64, depth=3, heads=4, mlp_ratio=2.0, center_2d=True,
+                         schedule=[[1, 13], [2, 9]], trm="linear"),
+    # The first small MixSTE (4 loops, 32 wide, screen-position input, cross-attention TRM): the model of the
+    # Ray Tune search and of the batch-size throughput figures in docs/RESULTS.md, kept so they stay reproducible.
+    "mixste_small_legacy": dict(backbone="mixste", frames=27, dim=32, depth=4, heads=4, mlp_ratio=2.0,
+                                schedule=[[1, 9], [3, 5]]),
     "mixste_tiny": dict(backbone="mixste", frames=27, dim=32, depth=2, heads=2, mlp_ratio=2.0,
                         schedule=[[1, 9]]),
     # MotionBERT's DSTformer as in its Human3.6M configs (MB_train_h36m.yaml: dim_feat 256, mlp_ratio 4, depth 5,
@@ -38,12 +42,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Schedule: HoT's stage (81 tokens before block 1), then 41 for the last two blocks.
     "dstformer": dict(backbone="dstformer", frames=243, in_channels=3, dim=256, depth=5, heads=8, mlp_ratio=4.0,
                       rep_dim=512, schedule=[[1, 81], [3, 41]]),
-    # Frame tokens (h2ot/models/frameformer.py): 27 frames, 3 blocks, 256 wide; the CPU result's schedule.
+    # Frame tokens (h2ot/models/frameformer.py): 27 frames, 3 blocks, 256 wide, root-relative input; the CPU
+    # result's schedule and TRM.
     "frameformer_small": dict(backbone="frameformer", frames=27, dim=256, depth=3, heads=8, mlp_ratio=2.0,
-                              schedule=[[1, 13], [2, 9]], trm="linear"),
+                              center_2d=True, schedule=[[1, 13], [2, 9]], trm="linear"),
     "dstformer_small": dict(backbone="dstformer", frames=81, in_channels=3, dim=64, depth=3, heads=4,
                             mlp_ratio=2.0, rep_dim=64, schedule=[[1, 27], [2, 14]]),
 }
+MODEL_PRESETS: Registry[dict[str, Any]] = Registry("preset", key="model.preset")
+for _name, _fields in _PRESETS.items():
+    MODEL_PRESETS.register(_name, _fields)
 
 
 @dataclass
@@ -110,7 +118,8 @@ class OptimConfig:
 class ScalingSettings:
     num_workers: int = 2
     use_gpu: bool | None = None  # None: use a GPU when the cluster has one
-    cpus_per_worker: float = 0.5  # < 1 leaves CPUs for Ray Data (ECOSYSTEM.md: starvation otherwise)
+    # < 1 leaves CPU for Ray Data: with every CPU held by Train workers, its read tasks wait and the run stalls
+    cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
     torch_threads: int = 1
 
@@ -174,7 +183,7 @@ class TuneSettings:
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
     workers_per_trial: int | None = None  # Ray Train workers per trial; None: the base config's, capped to the cluster
-    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (ECOSYSTEM.md: starvation otherwise)
+    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (else they wait behind the trials)
     hot_schedule: list[list[int]] = field(default_factory=list)  # the one-stage HoT point marked on the plot
     seeds: list[int] = field(default_factory=list)  # train every drawn trial once per seed (optim.seed); []: base
 
@@ -202,11 +211,14 @@ class TuneConfig:
         return self.base_config().model
 
 
-CONFIG_KINDS: dict[str, type] = {"model": ModelFileConfig, "train": TrainConfig, "tune": TuneConfig}
+CONFIG_KINDS: Registry[type] = Registry("config kind", key="kind")
+CONFIG_KINDS.register("model", ModelFileConfig)
+CONFIG_KINDS.register("train", TrainConfig)
+CONFIG_KINDS.register("tune", TuneConfig)
 
 
 def register_config_kind(kind: str, cls: type) -> None:
-    CONFIG_KINDS[kind] = cls
+    CONFIG_KINDS.register(kind, cls)
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -274,10 +286,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     data = dict(data)
     if cls is ModelConfig and data.get("preset") is not None:
-        preset = data["preset"]
-        if preset not in MODEL_PRESETS:
-            raise ConfigError(f"{prefix}preset: unknown preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
-        data = {**MODEL_PRESETS[preset], **data}
+        data = {**MODEL_PRESETS.get(data["preset"]), **data}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -293,9 +302,7 @@ def config_from_dict(data: dict[str, Any], kind: str | None = None) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
     kind = data.get("kind", kind)
-    if kind not in CONFIG_KINDS:
-        raise ConfigError(f"kind: unknown config kind {kind!r}; known: {sorted(CONFIG_KINDS)}")
-    return _build(CONFIG_KINDS[kind], {**data, "kind": kind})
+    return _build(CONFIG_KINDS.get(kind), {**data, "kind": kind})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -346,9 +353,46 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` over `base`: mappings merge key by key, anything else (lists included) replaces."""
+    merged = _deep_copy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = _deep_copy(value)
+    return merged
+
+
+def _names_a_base_file(data: dict[str, Any]) -> bool:
+    """`base:` is inheritance unless the file's kind has a field of that name (a tune config's `base` is the
+    train config it searches around)."""
+    if "base" not in data:
+        return False
+    cls = CONFIG_KINDS[data["kind"]] if data.get("kind") in CONFIG_KINDS else None
+    return cls is None or "base" not in {f.name for f in dataclasses.fields(cls)}
+
+
+def resolve_bases(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML of `path` merged over its `base` file (a path relative to `path`'s folder), recursively."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(path):], path))
+        raise ConfigError(f"base: the config files name each other in a cycle: {cycle}")
+    data = load_yaml(path)
+    if not _names_a_base_file(data):
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: expected the path of a config file, got {base!r}")
+    if not (path.parent / base).is_file():
+        raise ConfigError(f"{path}: base: config file not found: {path.parent / base}")
+    return deep_merge(resolve_bases(path.parent / base, (*_chain, path)), data)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> Any:
-    """YAML file (+ `--set` overrides) -> typed config. Errors name the file and the bad key."""
-    data = apply_overrides(load_yaml(path), overrides)
+    """YAML file (+ its base files, + `--set` overrides) -> typed config. Errors name the file and the bad key."""
+    data = apply_overrides(resolve_bases(path), overrides)
     if kind is not None and data.get("kind", kind) != kind:
         raise ConfigError(f"{path}: kind is {data.get('kind')!r}, expected {kind!r}")
     try:

@@ -47,5 +47,6 @@ def test_bench_small_json_without_ray() -> None:
                 "predicted_flops_ratio", "full_clips_per_s", "h2ot_clips_per_s", "throughput_ratio",
                 "hot_throughput_ratio", "torch_threads"):
         assert key in result, key
-    assert result["h2ot_gflops"] < result["hot_gflops"] < result["full_gflops"]
+    # On the 3-loop small MixSTE the HoT point (9 of 27 frames from loop 1) prunes more than H2OT's [[1, 13], [2, 9]].
+    assert max(result["h2ot_gflops"], result["hot_gflops"]) < result["full_gflops"]
     assert abs(result["flops_ratio"] - result["predicted_flops_ratio"]) <= 0.05 * result["predicted_flops_ratio"]

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 import pipelines.config  # noqa: F401  (registers the "preprocess" kind)
-from h2ot.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, load_config
+from h2ot.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, deep_merge, load_config
 from h2ot.models import build_model
+from h2ot.registry import Registry
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -78,3 +79,53 @@ def test_startup_failures_default_to_waiting_for_capacity() -> None:
     assert TrainConfig().run.max_startup_failures == -1
     assert config_from_dict(apply_overrides({"kind": "train"}, ["run.max_startup_failures=1"])).run \
         .max_startup_failures == 1
+
+
+# --------------------------------------------------------------------------------------------- base files
+def test_a_config_changes_a_few_keys_of_its_base_chain(tmp_path) -> None:
+    (tmp_path / "budget.yaml").write_text("kind: train\noptim:\n  epochs: 3\n  lr: 0.002\nrun:\n  experiment: e\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "h2ot.yaml").write_text("base: ../budget.yaml\nmodel:\n  preset: mixste_tiny\n")
+    (tmp_path / "sub" / "full.yaml").write_text("base: h2ot.yaml\nmodel:\n  schedule: []\noptim:\n  epochs: 5\n")
+    cfg = load_config(tmp_path / "sub" / "full.yaml", ["optim.seed=1"])
+    assert cfg.model.schedule == [] and cfg.model.dim == 32  # the preset, less its schedule
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.optim.seed, cfg.run.experiment) == (5, 0.002, 1, "e")
+    assert load_config(tmp_path / "sub" / "h2ot.yaml").model.schedule == [[1, 9]]
+
+
+def test_base_cycles_and_missing_bases_name_the_files(tmp_path) -> None:
+    (tmp_path / "a.yaml").write_text("kind: train\nbase: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("kind: train\nbase: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: base: config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_deep_merge_replaces_lists_and_keeps_the_inputs() -> None:
+    base = {"model": {"schedule": [[1, 9]], "dim": 32}, "optim": {"epochs": 1}}
+    merged = deep_merge(base, {"model": {"schedule": []}})
+    assert merged == {"model": {"schedule": [], "dim": 32}, "optim": {"epochs": 1}}
+    assert base["model"]["schedule"] == [[1, 9]]
+
+
+def test_a_tune_configs_base_is_the_train_config_it_searches() -> None:
+    cfg = load_config(CONFIG_DIR / "tune_tiny.yaml")
+    assert Path(cfg.base).name == "tiny.yaml" and cfg.space.include
+
+
+# --------------------------------------------------------------------------------------------- registry
+def test_registry_names_the_key_and_the_known_names() -> None:
+    reg: Registry[int] = Registry("widget", key="model.widget")
+    reg.register("b", 2)
+
+    @reg.register("a")
+    def make_a() -> int:
+        return 1
+
+    assert reg.get("a") is make_a and reg["b"] == 2 and "a" in reg and list(reg) == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"^model\.widget: unknown widget 'c'; known: a, b$"):
+        reg.get("c")
+    with pytest.raises(ConfigError, match="model.backbone: unknown backbone 'nope'; known: dstformer, "):
+        build_model({"backbone": "nope"})

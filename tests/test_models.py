@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from h2ot.config import ModelConfig
+from h2ot.config import MODEL_PRESETS, ModelConfig, config_from_dict, load_config, to_dict
 from h2ot.models import MODEL_REGISTRY, PoseOutput, build_model, predict
 from h2ot.pruning import TPM_REGISTRY
 from h2ot.recovery import TRM_REGISTRY
@@ -119,3 +121,25 @@ def test_center_2d_makes_the_output_independent_of_where_the_person_stands(backb
         with torch.no_grad():
             moved = torch.allclose(model(x).pose_3d, model(x + shift).pose_3d, atol=1e-5)
         assert moved is same
+
+
+# --------------------------------------------------------------------------------------------- one model per name
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NAMED = [name for name in MODEL_PRESETS if (CONFIGS / f"{name}.yaml").is_file() or
+         (CONFIGS / f"h2ot_{name}.yaml").is_file()]
+
+
+def test_the_small_presets_have_their_configs() -> None:
+    assert {"mixste_small", "frameformer_small", "dstformer_small", "mixste", "dstformer"} <= set(NAMED)
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_a_preset_and_its_configs_describe_one_model(name: str) -> None:
+    """configs/h2ot_<name>.yaml is the preset; configs/<name>.yaml is the preset without pruning."""
+    preset = config_from_dict({"kind": "model", "model": {"preset": name}}).model
+    expected = {"h2ot": to_dict(preset), "full": to_dict(preset) | {"schedule": []}}
+    for variant, path in (("h2ot", CONFIGS / f"h2ot_{name}.yaml"), ("full", CONFIGS / f"{name}.yaml")):
+        assert path.is_file(), f"preset {name!r} ships both configs: {path.name} is missing"
+        model = to_dict(load_config(path).model)
+        differ = {k: (model[k], expected[variant][k]) for k in model if model[k] != expected[variant][k]}
+        assert not differ, f"{path.name} and preset {name!r} differ (config, preset): {differ}"

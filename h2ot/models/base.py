@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from h2ot.config import ModelConfig
+from h2ot.registry import Registry
 from h2ot.skeleton import flip_pose
 
 
@@ -64,26 +65,21 @@ def drop_path_rates(cfg: ModelConfig) -> list[float]:
     return torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
 
 
-MODEL_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+MODEL_REGISTRY: Registry[Callable[[ModelConfig], nn.Module]] = Registry("backbone", key="model.backbone")
 
 
 def register_model(name: str) -> Callable:
-    def decorator(cls: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
-        MODEL_REGISTRY[name] = cls
-        return cls
-
-    return decorator
+    """Class decorator: `@register_model("mixste")` makes `model.backbone: mixste` build that class."""
+    return MODEL_REGISTRY.register(name)
 
 
 def build_model(cfg: ModelConfig | dict) -> nn.Module:
     """Build a registered backbone from its config (a ModelConfig or its plain-dict form)."""
-    from h2ot.config import ConfigError, config_from_dict
+    from h2ot.config import config_from_dict
 
     if isinstance(cfg, dict):
         cfg = config_from_dict({"kind": "model", "model": cfg}).model
-    if cfg.backbone not in MODEL_REGISTRY:
-        raise ConfigError(f"model.backbone: unknown backbone {cfg.backbone!r}; known: {sorted(MODEL_REGISTRY)}")
-    return MODEL_REGISTRY[cfg.backbone](cfg)
+    return MODEL_REGISTRY.get(cfg.backbone)(cfg)
 
 
 def predict(model: nn.Module, pose_2d: torch.Tensor, test_flip: bool = True) -> PoseOutput:
