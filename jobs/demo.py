@@ -80,42 +80,19 @@ def train_config(schedule: list[list[int]] | None, size: str, workers: int, seed
     })
 
 
-def ensure_experiment(uri: str) -> str:
-    """The demo experiment, tagged as model training so the MLflow UI opens it on its runs; -> its id."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(EXPERIMENT)
-    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
-    return exp_id
-
-
-def runs_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
-    """The MLflow UI page of an experiment's runs. MLflow 3 opens an experiment on its GenAI overview unless the
-    URL asks for the machine-learning workflow."""
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
 def log_summary(uri: str, source: str, synthetic: bool, rows: list[dict[str, Any]], paper: dict[str, Any],
                 out: Path, seed: int) -> str:
     """One summary run in the demo experiment holding both models' metrics, the paper-size efficiency and the
     tables."""
-    import mlflow
+    from jobs.tracking import log_summary_run
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT)
-    with mlflow.start_run(run_name=f"demo-summary-{source}") as run:
-        mlflow.set_tags({"data": source, "synthetic": str(synthetic).lower(), "h2ot.kind": "demo-summary",
-                         "seed": str(seed)})
-        for row in rows:
-            mlflow.log_metrics({f"{row['model']}/{k}": row[k] for k in
-                                ("mpjpe_mm", "p_mpjpe_mm", "mpjve_mm", "gflops", "gflops_total", "clips_per_s")})
-        mlflow.log_metrics({f"paper/{k}": v for k, v in paper.items() if isinstance(v, (int, float))})
-        mlflow.log_dict({"data": source, "synthetic": synthetic, "seed": seed, "models": rows, "paper_size": paper},
-                        "demo_summary.json")
-        mlflow.log_artifact(str(out / "demo_table.txt"))
-        return run.info.run_id
+    metrics = {f"{row['model']}/{k}": row[k] for row in rows
+               for k in ("mpjpe_mm", "p_mpjpe_mm", "mpjve_mm", "gflops", "gflops_total", "clips_per_s")}
+    metrics.update({f"paper/{k}": v for k, v in paper.items() if isinstance(v, (int, float))})
+    tags = {"data": source, "synthetic": str(synthetic).lower(), "h2ot.kind": "demo-summary", "seed": str(seed)}
+    summary = {"data": source, "synthetic": synthetic, "seed": seed, "models": rows, "paper_size": paper}
+    return log_summary_run(uri, EXPERIMENT, f"demo-summary-{source}", tags, metrics, summary, "demo_summary.json",
+                           [out / "demo_table.txt"])
 
 
 def format_table(rows: list[dict[str, Any]], data_label: str, batch: int = BENCH_BATCH) -> str:
@@ -185,7 +162,9 @@ def evaluate_both(trained: list[dict[str, Any]], shards: Path, size: str, thread
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
+    from cluster.ray_session import connect
     from jobs.bench import run_bench
+    from jobs.tracking import runs_url, training_experiment
     from pipelines import build_shards
 
     size = "quick" if args.quick else "default"
@@ -196,12 +175,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
 
     stage(1, "starting a local Ray instance (embedded, 127.0.0.1)")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    experiment_id = ensure_experiment(uri)
+    connect(num_cpus=args.num_cpus, dashboard=False, log_to_driver=False, configure_logging=False,
+            env_vars={"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"})
+    experiment_id = training_experiment(uri, EXPERIMENT)
 
     source, options = shard_options(args, size)
     shards = out / f"shards-{source}-f{FRAMES}-{size}"

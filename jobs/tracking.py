@@ -52,6 +52,9 @@ class TrackingUnavailable(UserError):
 
 
 # --------------------------------------------------------------------------------------------- names, URI
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def tracking_uri(out_dir: str | Path | None = None) -> str:
     """`MLFLOW_TRACKING_URI` if set, else an absolute sqlite path (RUN_DIR/mlflow.db, or ./mlflow.db)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -151,6 +154,38 @@ def _log_new_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- a training run
+def training_experiment(uri: str, name: str) -> str:
+    """The id of experiment `name` (created if absent), tagged as model training: MLflow 3's UI otherwise treats
+    it as a GenAI one (its trace overview)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+    if exp is None or exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp_id
+
+
+def runs_url(experiment_id: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The MLflow UI page of an experiment's runs. MLflow 3 opens an experiment on its GenAI overview unless the
+    URL asks for the machine-learning workflow."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def log_summary_run(uri: str, experiment: str, name: str, tags: dict[str, str], metrics: dict[str, float],
+                    summary: dict[str, Any], summary_name: str, files: list[Path]) -> str:
+    """One finished run holding a job's summary (metrics, a JSON document, files); -> its id."""
+    client = _client(uri)
+    run = client.create_run(training_experiment(uri, experiment), run_name=name, tags=tags)
+    run_id = run.info.run_id
+    if metrics:
+        client.log_batch(run_id, metrics=_metric_items(metrics, 0, finite_only=True))
+    client.log_dict(run_id, summary, summary_name)
+    for f in files:
+        client.log_artifact(run_id, str(f))
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def create_run(uri: str, experiment: str, name: str, out_dir: str | Path, tags: dict[str, str] | None = None,
                parent_run_id: str | None = None) -> str:
     """Check the URI, then create (or, for a rerun of the same RUN_DIR, reuse) an MLflow run; returns its id."""
@@ -165,8 +200,7 @@ def create_run(uri: str, experiment: str, name: str, out_dir: str | Path, tags: 
                 return saved["run_id"]
             except Exception:  # noqa: BLE001 - a deleted run: make a new one
                 log.warning("MLflow run %s of %s is gone; starting a new one", saved["run_id"], marker)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = training_experiment(uri, experiment)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from h2ot.config import load_config
-from jobs.demo import format_paper_table, format_table, runs_url, train_config
+from jobs.demo import format_paper_table, format_table, train_config
+from jobs.tracking import runs_url
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

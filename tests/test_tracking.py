@@ -231,3 +231,26 @@ def test_a_run_survives_its_tracking_server_going_away_and_coming_back(tmp_path:
         assert {"per_action.json", "model/best.pt"} <= artifacts
     finally:
         server.stop()
+
+
+def test_experiments_are_tagged_as_model_training_and_summary_runs_finish(tmp_path):
+    """Every experiment the project creates opens on its runs in MLflow 3's UI (tagged as model training), and a
+    job's summary run holds its finite metrics, its JSON document and its files."""
+    import mlflow
+
+    from jobs.tracking import log_summary_run, training_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = training_experiment(uri, "h2ot-test")
+    assert training_experiment(uri, "h2ot-test") == exp_id
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    table = tmp_path / "table.txt"
+    table.write_text("model mpjpe\n")
+    run_id = log_summary_run(uri, "h2ot-test", "summary", {"data": "synthetic"},
+                             {"full/mpjpe_mm": 40.5, "h2ot/mpjpe_mm": float("nan")}, {"rows": [1]}, "summary.json",
+                             [table])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["data"] == "synthetic"
+    assert run.data.metrics == {"full/mpjpe_mm": 40.5}  # NaN left out
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["summary.json", "table.txt"]

@@ -156,7 +156,7 @@ def test_cli_rejects_an_invalid_space_before_ray_starts(tmp_path, capsys) -> Non
 
 
 def test_tune_configs_load_with_their_base_and_dry_run(capsys) -> None:
-    for name in ("tune_tiny.yaml", "tune_mixste_small.yaml"):
+    for name in ("tune_tiny.yaml", "tune_mixste_small_legacy.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.kind == "tune" and Path(cfg.base).is_file()
         assert cfg.model_config().frames == 27
