@@ -50,8 +50,63 @@ class RestrictedUnpickler(pickle.Unpickler):
                            "and numpy arrays are allowed")
 
 
+MAX_PICKLE_OBJECTS = 50_000_000  # objects a pickle may expand to, shared references counted every time
+IN_PLACE_OPS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # they grow the object below them
+MEMO_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+MEMO_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def check_pickle_expansion(data: bytes, where: str, limit: int = MAX_PICKLE_OBJECTS) -> None:
+    """Refuse a pickle whose objects, expanded, would number more than `limit`, before unpickling it.
+
+    Memo references let a few hundred bytes build a tuple tree of 2**40 leaves; unpickling it is quick, but hashing
+    it (a dict key) or walking it runs for hours in C code that no time limit interrupts. This walks the opcodes
+    (linear in the file's size) with a stack of expanded sizes: an op's result counts itself plus what it took
+    off the stack, a memo reference counts the whole object it names."""
+    import pickletools
+
+    stack: list[list[int]] = []  # one cell per stack entry: [expanded size]; memo entries share the cell
+    marks: list[int] = []
+    memo: dict[Any, list[int]] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name in MEMO_PUT_OPS:
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+                continue
+            if name in MEMO_GET_OPS:
+                stack.append(memo[arg])
+                continue
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            taken = 0
+            before = op.stack_before
+            if pickletools.markobject in before:  # everything down to the last mark (plus what lies below it)
+                start = marks.pop()
+                taken += sum(c[0] for c in stack[start:])
+                del stack[start:]
+                before = before[: before.index(pickletools.markobject)]
+            popped = [stack.pop() for _ in before] if before else []
+            taken += sum(c[0] for c in popped)
+            if name in IN_PLACE_OPS and popped:  # the object below keeps its identity (and its memo entries)
+                cell = popped[-1]
+                cell[0] = min(limit + 1, cell[0] + taken - cell[0])
+                stack.append(cell)
+            elif op.stack_after:
+                stack.append([min(limit + 1, 1 + taken)])
+            if stack and stack[-1][0] > limit:
+                raise PipelineError(f"{where}: its pickle expands to over {limit:,} objects (shared references); "
+                                    "refused before unpickling")
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed opcode stream: any of several exception types
+        raise PipelineError(f"{where} holds a truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+
+
 def _restricted_array(stream: io.BytesIO, where: str) -> np.ndarray:
     """An object array's pickle, unpickled by RestrictedUnpickler; it must be the ndarray `np.save` wrote."""
+    check_pickle_expansion(stream.getvalue()[stream.tell():], where)
     try:
         obj = RestrictedUnpickler(stream, encoding="latin1").load()
     except UnsafePickle as e:

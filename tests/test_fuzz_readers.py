@@ -324,10 +324,20 @@ def tuple_bomb() -> tuple:
     return t
 
 
+def tuple_key_bomb_pickle(depth: int = 40) -> bytes:
+    """A pickle of {t: 1} where t is a tuple tree of 2**depth leaves built from memo references: unpickling it
+    hashes t, which walks every leaf in C code. Written opcode by opcode, since building it in Python would hash it."""
+    ops = [b"\x80\x02}", b")q\x00"]  # PROTO 2, EMPTY_DICT; EMPTY_TUPLE, BINPUT 0
+    for i in range(1, depth + 1):
+        ops.append(b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + bytes([i]))  # (t, t) -> memo i
+    ops.append(b"h" + bytes([depth]) + b"K\x01s.")  # key t, value 1, SETITEM, STOP
+    return b"".join(ops)
+
+
 def crafted_structures(key: str) -> list[dict]:
     """Decoded structures whose walking, printing or converting would not end: memo bombs as values and keys,
     integers too large to print."""
-    # (A tuple bomb cannot be a dict key here: hashing it walks its 2^40 leaves, see the report of issue 17.)
+    # (A tuple bomb as a dict key cannot be built here, hashing it walks its 2^40 leaves: tuple_key_bomb_pickle.)
     values, keys = [memo_bomb(), tuple_bomb(), 10**5000], [10**5000, (1, (2, 3))]
     if key == "data":
         x3 = mpi3dhp_data()["data"]["TS1"]
@@ -354,6 +364,7 @@ def crafted_npz(key: str, rng: random.Random) -> list[bytes]:
         zip_of({member: npy_bytes((2**62, 2**62))}),
         zip_of({member: npy_bytes((), "|O", pickle_bytes(memo_bomb()))}),
         zip_of({member: npy_bytes((), "|O", pickle_bytes({"S1": memo_bomb()}))}),
+        zip_of({member: npy_bytes((), "|O", tuple_key_bomb_pickle())}),
         zip_of({member: npy_bytes((10**12,), "|O", evil_pickle())}),
         zip_of({member: npy_bytes((), "|O", b"\x80\x03]q\x00(" + b"h\x00" * 5000 + b"e.")}),
         zip_of({member: npy_bytes((3,), "|V1000000000", b"")}),
