@@ -13,9 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from h2ot.config import ConfigError, ModelConfig, SearchSpace, TuneSettings
+from h2ot.registry import Registry
 from h2ot.schedule import validate_schedule
 
-SCHEDULERS = ("asha", "none")
+# Trial schedulers `tune.scheduler` may name (jobs/tune.py builds them): name -> what it does.
+SCHEDULERS: Registry[str] = Registry("scheduler", key="tune.scheduler")
+SCHEDULERS.register("asha", "ASHA: stops the worst trials at each rung")
+SCHEDULERS.register("none", "FIFO: every trial runs all epochs")
 MAX_DRAWS_PER_TRIAL = 200  # attempts to draw an unseen trial before the space counts as exhausted
 
 
@@ -57,10 +61,9 @@ def validate_space(space: SearchSpace, model: ModelConfig, settings: TuneSetting
         raise ConfigError(f"model.frames: a seq2frame model needs an odd frame count, got {frames}")
     for field_name, names, registry in (("tpm", space.tpm, TPM_REGISTRY), ("trm", space.trm, TRM_REGISTRY)):
         if not names:
-            raise ConfigError(f"space.{field_name}: empty; name at least one of {sorted(registry)}")
+            raise ConfigError(f"space.{field_name}: empty; name at least one of {registry.names()}")
         for i, name in enumerate(names):
-            if name not in registry:
-                raise ConfigError(f"space.{field_name}[{i}]: unknown strategy {name!r}; known: {sorted(registry)}")
+            registry.get(name, key=f"space.{field_name}[{i}]")
     if len(space.lr) > 2 or any(not (v > 0 and math.isfinite(v)) for v in space.lr):
         raise ConfigError(f"space.lr: expected [] (the base lr), [value] or [low, high] with positive values, "
                           f"got {space.lr}")
@@ -81,8 +84,7 @@ def _validate_settings(space: SearchSpace, settings: TuneSettings, model: ModelC
     if settings.num_samples < len(space.include):
         raise ConfigError(f"tune.num_samples: {settings.num_samples} is fewer than the {len(space.include)} "
                           "space.include schedules")
-    if settings.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tune.scheduler: unknown {settings.scheduler!r}; known: {list(SCHEDULERS)}")
+    SCHEDULERS.get(settings.scheduler)
     if settings.mode not in ("min", "max"):
         raise ConfigError(f"tune.mode: {settings.mode!r}; expected 'min' or 'max'")
     if settings.grace_period < 1 or settings.reduction_factor < 2:
