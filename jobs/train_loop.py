@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from h2ot.config import ConfigError, OptimConfig
+from h2ot.config import ConfigError, ModelConfig
 from h2ot.engine import ShardMismatch, StepSettings, eval_batch, train_step
 from h2ot.registry import Registry
+from jobs.settings import OptimConfig, TrainConfig, train_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Diverged(RunStopped):
 NON_RETRYABLE = (RunStopped, ConfigError, ShardMismatch)
 
 
-def step_settings(cfg: Any, device: torch.device) -> StepSettings:
+def step_settings(cfg: TrainConfig, device: torch.device) -> StepSettings:
     """The engine's step settings of a TrainConfig; AMP only on CUDA."""
     return StepSettings(in_channels=cfg.model.in_channels, tc_weight=cfg.loss.tc_weight,
                         velocity_weight=cfg.loss.velocity_weight, grad_clip=cfg.optim.grad_clip,
@@ -118,7 +119,7 @@ class Worker:
     """Everything one rank trains with, and where it stands (epoch is the next epoch to train)."""
 
     config: dict[str, Any]
-    cfg: Any
+    cfg: TrainConfig
     rank: int
     world: int
     device: torch.device
@@ -148,10 +149,9 @@ def setup_worker(config: dict[str, Any], rank: int, world: int, device: torch.de
     """Seeded model (wrapped by `prepare_model`, e.g. Ray's DDP), AdamW, lr schedule and AMP scaler on `device`.
 
     No FLOPs counting here: the driver counts them once (config["gflops"]), so no rank keeps the others waiting."""
-    from h2ot.config import config_from_dict
     from h2ot.models import build_model
 
-    cfg = config_from_dict(config["cfg"], "train")
+    cfg = train_config_from_dict(config["cfg"])
     torch.set_num_threads(max(1, cfg.scaling.torch_threads))
     seed_everything(cfg.optim.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = prepare_model(build_model(cfg.model))
@@ -392,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(w.best_dir, ignore_errors=True)
 
 
-def _log_final(tracker: Any, model: torch.nn.Module, test: dict[str, np.ndarray], mcfg: Any,
+def _log_final(tracker: Any, model: torch.nn.Module, test: dict[str, np.ndarray], mcfg: ModelConfig,
                best: dict[str, Any], best_file: Path) -> None:
     """Rank 0 at the end: the best model file, the best metrics, and a picture of predicted vs GT skeletons."""
     import matplotlib.pyplot as plt

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import jobs.tune_search  # noqa: F401  (registers the "tune" kind)
 import pipelines.config  # noqa: F401  (registers the "preprocess" kind)
-from h2ot.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, deep_merge, load_config
+from h2ot.config import ConfigError, apply_overrides, config_from_dict, deep_merge, load_config
 from h2ot.models import build_model
 from h2ot.registry import Registry
+from jobs.settings import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
