@@ -1,9 +1,14 @@
-"""Typed configuration: dataclasses, YAML loading and `--set a.b=value` overrides.
+"""The model config (`ModelConfig`, its presets) and the YAML loader every config kind shares: `base:` files,
+`--set a.b=value` overrides, typed dataclasses with every key checked.
 
-Every YAML file names its `kind` (model, train, tune, ...); the dotted override keys mirror the YAML nesting
-(`--set train.epochs=2`, `--set model.schedule=[[3,81]]`). A file may name a `base` file (a path relative to it)
-and change only a few keys: mappings merge key by key, lists and values replace (see `resolve_bases`). Configs
-travel to Ray as plain dicts (`dataclasses.asdict`) and are rebuilt with `config_from_dict` on the other side.
+Every YAML file names its `kind`. h2ot knows `model`; the run settings live with the jobs that use them and
+register their kinds on import: `train` in jobs/settings.py (optimizer, loss weights, scaling, run names;
+`load_train_config`), `tune` in jobs/tune_search.py, `preprocess` in pipelines/config.py.
+
+The dotted override keys mirror the YAML nesting (`--set optim.epochs=2`, `--set model.schedule=[[3,81]]`). A file
+may name a `base` file (a path relative to it) and change only a few keys: mappings merge key by key, lists and
+values replace (see `resolve_bases`). Configs travel to Ray as plain dicts (`dataclasses.asdict`) and are rebuilt
+with `config_from_dict` on the other side.
 """
 
 from __future__ import annotations
@@ -86,135 +91,20 @@ class ModelConfig:
         return [(int(b), int(n)) for b, n in self.schedule]
 
 
-# --------------------------------------------------------------------------------------------- training
-@dataclass
-class LossConfig:
-    """The paper's seq2seq loss: L = wMPJPE + tc_weight * TC + velocity_weight * MPJVE."""
-
-    tc_weight: float = 0.5
-    velocity_weight: float = 2.0
-
-
-@dataclass
-class OptimConfig:
-    epochs: int = 10
-    steps_per_epoch: int | None = None  # cap, so budgets are comparable and schedulers get points
-    batch_size: int = 16  # clips per worker
-    lr: float = 5e-4
-    lr_schedule: str = "exponential"  # "exponential": x lr_decay every epoch; "cosine": warm-up, then cosine to 0
-    lr_decay: float = 0.99  # exponential: multiplied in every epoch
-    warmup_steps: int = 0  # cosine: linear warm-up over these steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    flip_augment: bool = True
-    test_flip: bool = True
-    amp: bool = True  # only on GPU
-    seed: int = 0
-    eval_batch_size: int = 64
-    eval_max_windows: int | None = None  # cap on test windows per evaluation (None: all)
-
-
-@dataclass
-class ScalingSettings:
-    num_workers: int = 2
-    use_gpu: bool | None = None  # None: use a GPU when the cluster has one
-    # < 1 leaves CPU for Ray Data: with every CPU held by Train workers, its read tasks wait and the run stalls
-    cpus_per_worker: float = 0.5
-    gpus_per_worker: float = 1.0
-    torch_threads: int = 1
-
-
-@dataclass
-class RunSettings:
-    name: str | None = None  # default: derived from backbone, schedule and data
-    experiment: str = "h2ot"
-    storage_path: str | None = None  # default: RUN_DIR/ray; a shared path (NFS, s3://) on a cluster
-    max_failures: int = 1
-    # Worker-group starts that time out (no room for the workers within RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
-    # 60 s) before the run fails with Ray Train's WorkerGroupStartupTimeoutError; -1 (Ray's default) waits for
-    # the capacity to come back however long it takes (the job stays RUNNING), e.g. after losing a node.
-    max_startup_failures: int = -1
-    num_to_keep: int = 2
-
-
-@dataclass
-class TrainConfig:
-    kind: str = "train"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    scaling: ScalingSettings = field(default_factory=ScalingSettings)
-    run: RunSettings = field(default_factory=RunSettings)
-
-
 @dataclass
 class ModelFileConfig:
     kind: str = "model"
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
-# --------------------------------------------------------------------------------------------- tuning
-@dataclass
-class SearchSpace:
-    """What `h2ot tune` draws each trial from (h2ot.search.sample_trials); every drawn schedule is valid.
-
-    A schedule of k stages takes k distinct `blocks` (ascending) and k distinct `tokens` (descending), so the
-    tokens decrease and the blocks increase by construction. `include` schedules (e.g. the full model `[]` and
-    HoT's one stage) are always trials, first; `lr` is a log-uniform range [low, high] (or one value).
-    """
-
-    stages: list[int] = field(default_factory=lambda: [1, 2, 3])  # stage counts to draw from (0 = full model)
-    tokens: list[int] = field(default_factory=list)  # kept-token counts a stage may use, each < model.frames
-    blocks: list[int] | None = None  # blocks a stage may start at; None: 1 .. depth-1 (pruning at 0 hurts)
-    tpm: list[str] = field(default_factory=lambda: ["dpc_knn"])  # h2ot.pruning.TPM_REGISTRY names
-    trm: list[str] = field(default_factory=lambda: ["cross_attention"])  # h2ot.recovery.TRM_REGISTRY names
-    lr: list[float] = field(default_factory=list)  # [low, high] log-uniform, [value], or [] (the base lr)
-    include: list[list[list[int]]] = field(default_factory=list)  # schedules tried in every search
-
-
-@dataclass
-class TuneSettings:
-    num_samples: int = 16  # trials, `include` ones counted
-    seed: int = 0  # of the sampler (the same seed draws the same trials)
-    metric: str = "val/mpjpe_mm"
-    mode: str = "min"
-    scheduler: str = "asha"  # "asha" or "none" (FIFO: every trial runs all epochs)
-    grace_period: int = 1  # ASHA: epochs before a trial may be stopped
-    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
-    workers_per_trial: int | None = None  # Ray Train workers per trial; None: the base config's, capped to the cluster
-    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (else they wait behind the trials)
-    hot_schedule: list[list[int]] = field(default_factory=list)  # the one-stage HoT point marked on the plot
-    seeds: list[int] = field(default_factory=list)  # train every drawn trial once per seed (optim.seed); []: base
-
-
-@dataclass
-class TuneConfig:
-    """`h2ot tune`: search `space` around the train config `base` (a path relative to this file), each trial
-    trained with `base` + `train_overrides` (dotted `key=value`, as `--set`) + its drawn values."""
-
-    kind: str = "tune"
-    base: str = ""
-    train_overrides: list[str] = field(default_factory=list)
-    space: SearchSpace = field(default_factory=SearchSpace)
-    tune: TuneSettings = field(default_factory=TuneSettings)
-    name: str | None = None  # the search's name (Ray Tune experiment, MLflow parent run); default: from the file
-    experiment: str | None = None  # MLflow experiment; None: the base config's run.experiment
-
-    def base_config(self, overrides: list[str] | None = None) -> TrainConfig:
-        """The base TrainConfig with `train_overrides` (+ `overrides`) applied."""
-        if not self.base:
-            raise ConfigError("base: a tune config names the train config it searches around (base: mixste.yaml)")
-        return load_config(self.base, [*self.train_overrides, *(overrides or [])], kind="train")
-
-    def model_config(self) -> ModelConfig:
-        return self.base_config().model
-
-
+# kind -> config dataclass. h2ot registers `model`; the jobs that run a kind register it where they define it
+# (jobs.settings: train, jobs.tune_search: tune, pipelines.config: preprocess), so h2ot knows none of them.
 CONFIG_KINDS: Registry[type] = Registry("config kind", key="kind")
 CONFIG_KINDS.register("model", ModelFileConfig)
-CONFIG_KINDS.register("train", TrainConfig)
-CONFIG_KINDS.register("tune", TuneConfig)
+
+
+# Only for the error message when a file's kind is read before its module was imported (no import of them here).
+_KIND_HOMES = {"train": "jobs.settings", "tune": "jobs.tune_search", "preprocess": "pipelines.config"}
 
 
 def register_config_kind(kind: str, cls: type) -> None:
@@ -302,6 +192,9 @@ def config_from_dict(data: dict[str, Any], kind: str | None = None) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
     kind = data.get("kind", kind)
+    if kind in _KIND_HOMES and kind not in CONFIG_KINDS:
+        raise ConfigError(f"kind: config kind {kind!r} is registered by {_KIND_HOMES[kind]}: import it first "
+                          f"(or load the file with its loader, e.g. jobs.settings.load_train_config)")
     return _build(CONFIG_KINDS.get(kind), {**data, "kind": kind})
 
 
@@ -399,8 +292,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, kind: str 
         cfg = config_from_dict(data, kind)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if isinstance(cfg, TuneConfig) and cfg.base and not Path(cfg.base).is_absolute():
-        cfg.base = str((Path(path).parent / cfg.base).resolve())  # relative to the tune config's folder
+    if hasattr(cfg, "resolve_paths"):  # a kind whose paths are relative to the file (a tune config's base)
+        cfg.resolve_paths(Path(path).parent)
     return cfg
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from h2ot.config import ConfigError, ModelConfig
+from h2ot.config import ModelConfig
 from h2ot.models.base import CostTerms
 from h2ot.schedule import tokens_per_block, validate_schedule
 
@@ -45,9 +45,7 @@ def cost_terms(cfg: ModelConfig) -> CostTerms:
     """The backbone's own analytic cost terms (its `cost_terms(cfg)` classmethod)."""
     from h2ot.models import MODEL_REGISTRY
 
-    if cfg.backbone not in MODEL_REGISTRY:
-        raise ConfigError(f"model.backbone: unknown backbone {cfg.backbone!r}; known: {sorted(MODEL_REGISTRY)}")
-    terms = getattr(MODEL_REGISTRY[cfg.backbone], "cost_terms", None)
+    terms = getattr(MODEL_REGISTRY.get(cfg.backbone), "cost_terms", None)
     if terms is None:
         raise NotImplementedError(f"backbone {cfg.backbone!r} has no cost_terms(cfg): its FLOPs cannot be predicted")
     return terms(cfg)
@@ -60,9 +58,7 @@ def _pruning_terms(cfg: ModelConfig) -> tuple[int, int]:
     stages = validate_schedule(cfg.schedule, cfg.depth, cfg.frames, cfg.seq2frame)
     if not stages:
         return 0, 0
-    if cfg.tpm not in TPM_REGISTRY:
-        raise ConfigError(f"model.tpm: unknown pruning strategy {cfg.tpm!r}; known: {sorted(TPM_REGISTRY)}")
-    strategy, temporal, tokens = TPM_REGISTRY[cfg.tpm], cost_terms(cfg).temporal_attentions, _tokens_per_frame(cfg)
+    strategy, temporal, tokens = TPM_REGISTRY.get(cfg.tpm), cost_terms(cfg).temporal_attentions, _tokens_per_frame(cfg)
     hand = counted = 0
     current = cfg.frames
     for block, n in stages:
@@ -92,9 +88,7 @@ def _trm_macs(cfg: ModelConfig, stages: list[tuple[int, int]]) -> tuple[int, int
 
     if not stages or cfg.seq2frame:
         return 0, 0
-    if cfg.trm not in TRM_REGISTRY:
-        raise ConfigError(f"model.trm: unknown recovering strategy {cfg.trm!r}; known: {sorted(TRM_REGISTRY)}")
-    strategy, tokens, n_last = TRM_REGISTRY[cfg.trm], _tokens_per_frame(cfg), stages[-1][1]
+    strategy, tokens, n_last = TRM_REGISTRY.get(cfg.trm), _tokens_per_frame(cfg), stages[-1][1]
     return (tokens * strategy.linear_macs(cfg, cfg.frames, n_last),
             tokens * strategy.attention_macs(cfg, cfg.frames, n_last))
 

@@ -23,12 +23,14 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.layers import ATTENTION_RECEIVED
+from h2ot.registry import Registry
 
-TPM_REGISTRY: dict[str, type[TokenPruner]] = {}
+TPM_REGISTRY: Registry[type[TokenPruner]] = Registry("pruning strategy", key="model.tpm")
+
 
 def register_tpm(name: str) -> Callable:
     def decorator(cls: type[TokenPruner]) -> type[TokenPruner]:
-        TPM_REGISTRY[name] = cls
+        TPM_REGISTRY.register(name, cls)
         cls.name = name
         return cls
 
@@ -36,11 +38,7 @@ def register_tpm(name: str) -> Callable:
 
 
 def build_tpm(cfg: ModelConfig) -> TokenPruner:
-    if cfg.tpm not in TPM_REGISTRY:
-        from h2ot.config import ConfigError
-
-        raise ConfigError(f"model.tpm: unknown pruning strategy {cfg.tpm!r}; known: {sorted(TPM_REGISTRY)}")
-    return TPM_REGISTRY[cfg.tpm](cfg)
+    return TPM_REGISTRY.get(cfg.tpm)(cfg)
 
 
 class TokenPruner(nn.Module):

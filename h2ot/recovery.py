@@ -14,13 +14,14 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.layers import CrossAttention, from_temporal, temporal_tokens
+from h2ot.registry import Registry
 
-TRM_REGISTRY: dict[str, type[TokenRecovery]] = {}
+TRM_REGISTRY: Registry[type[TokenRecovery]] = Registry("recovering strategy", key="model.trm")
 
 
 def register_trm(name: str) -> Callable:
     def decorator(cls: type[TokenRecovery]) -> type[TokenRecovery]:
-        TRM_REGISTRY[name] = cls
+        TRM_REGISTRY.register(name, cls)
         cls.name = name
         return cls
 
@@ -28,11 +29,7 @@ def register_trm(name: str) -> Callable:
 
 
 def build_trm(cfg: ModelConfig, dim: int) -> TokenRecovery:
-    if cfg.trm not in TRM_REGISTRY:
-        from h2ot.config import ConfigError
-
-        raise ConfigError(f"model.trm: unknown recovering strategy {cfg.trm!r}; known: {sorted(TRM_REGISTRY)}")
-    return TRM_REGISTRY[cfg.trm](cfg, dim)
+    return TRM_REGISTRY.get(cfg.trm)(cfg, dim)
 
 
 class TokenRecovery(nn.Module):

@@ -45,9 +45,12 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: str | None = None) -> T:
+        """The object registered as `name`; an unknown name is a ConfigError naming `key` (default: the
+        registry's own, e.g. `space.tpm[1]` for a list of names checked against `model.tpm`'s registry)."""
         if name not in self._items:
-            prefix = f"{self.key}: " if self.key else ""
+            key = key or self.key
+            prefix = f"{key}: " if key else ""
             raise ConfigError(f"{prefix}unknown {self.what} {name!r}; known: {', '.join(self.names())}")
         return self._items[name]
 

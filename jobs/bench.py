@@ -84,6 +84,7 @@ def _models(args: argparse.Namespace) -> tuple[str, dict, dict]:
                 models[name].load_state_dict(trained.state_dict(), strict=False)
         return Path(args.checkpoint).name, cfgs, models
     if args.config:
+        import jobs.settings  # noqa: F401  (registers the train kind: --config may be a model or a train file)
         from h2ot.config import load_config
 
         loaded = load_config(args.config)

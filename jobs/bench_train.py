@@ -21,12 +21,13 @@ from typing import Any
 
 from cluster.ray_session import connect
 from jobs._common import add_output_flags, friendly_errors, require_shards, setup_logging
+from jobs.settings import TrainConfig, load_train_config, train_config_from_dict
 
 log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mixste_small.yaml"
 
 
-def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads: int = 2) -> dict[str, float]:
+def plain_loop(cfg: TrainConfig, data_dir: str | Path, steps: int, warmup: int, threads: int = 2) -> dict[str, float]:
     """Single-process PyTorch: the training step of the Ray loop (h2ot.engine.train_step: flip augmentation,
     weighted loss on the output frames' targets, clipping) with AdamW, `threads` intra-op threads."""
     import numpy as np
@@ -62,14 +63,14 @@ def plain_loop(cfg: Any, data_dir: str | Path, steps: int, warmup: int, threads:
             "steps": steps}
 
 
-def ray_loop(cfg: Any, data_dir: str | Path, workers: int, steps: int, epochs: int) -> dict[str, float]:
+def ray_loop(cfg: TrainConfig, data_dir: str | Path, workers: int, steps: int, epochs: int) -> dict[str, float]:
     """The real Ray Train loop (jobs.train_loop) with `workers` workers of 1 thread; last epoch measured."""
-    from h2ot.config import apply_overrides, config_from_dict, to_dict
+    from h2ot.config import apply_overrides, to_dict
     from jobs.train import build_trainer
 
     overrides = [f"scaling.num_workers={workers}", "scaling.torch_threads=1", f"optim.epochs={epochs}",
                  f"optim.steps_per_epoch={steps}", "optim.eval_max_windows=8", "run.max_failures=0"]
-    cfg = config_from_dict(apply_overrides(to_dict(cfg), overrides))
+    cfg = train_config_from_dict(apply_overrides(to_dict(cfg), overrides))
     with tempfile.TemporaryDirectory(prefix="h2ot-bench-train-") as tmp:
         result = build_trainer(cfg, data_dir, tmp, name=f"bench-{workers}w", mlflow=False).fit()
     if result.error is not None:
@@ -83,9 +84,7 @@ def run_bench(config: str | Path, data_dir: str | Path, steps: int, epochs: int,
               workers: list[int]) -> dict[str, Any]:
     import ray
 
-    from h2ot.config import load_config
-
-    cfg = load_config(config, kind="train")
+    cfg = load_train_config(config)
     out: dict[str, Any] = {"config": str(config), "data": str(data_dir), "batch_size_per_worker": cfg.optim.batch_size,
                            "model": {"backbone": cfg.model.backbone, "dim": cfg.model.dim, "depth": cfg.model.depth,
                                      "frames": cfg.model.frames, "schedule": cfg.model.schedule}}

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from h2ot.config import TrainConfig
 from jobs._common import UserError, friendly_errors, setup_logging
+from jobs.settings import TrainConfig, train_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,11 @@ def shard_options(args: argparse.Namespace, size: str) -> tuple[str, dict[str, A
 
 def train_config(schedule: list[list[int]] | None, size: str, workers: int, seed: int = 0) -> TrainConfig:
     """The demo's small MixSTE: `schedule` None = the preset itself (H2OT), [] = the full model."""
-    from h2ot.config import config_from_dict
-
     budget = BUDGETS[size]
     model: dict[str, Any] = {"preset": PRESET}
     if schedule is not None:
         model["schedule"] = schedule
-    return config_from_dict({
+    return train_config_from_dict({
         "kind": "train",
         "model": model,
         "optim": {**budget, "lr": 0.002, "lr_schedule": "cosine", "seed": seed},

@@ -43,7 +43,7 @@ def pareto_figure(rows: list[dict[str, Any]], hot_schedule: list[list[int]], tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from h2ot.search import find_schedule
+    from jobs.tune_search import find_schedule
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     done = [r for r in rows if r["complete"] and math.isfinite(r["mpjpe_mm"])]

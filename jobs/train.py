@@ -31,6 +31,7 @@ from typing import Any
 
 from cluster.ray_session import connect
 from jobs._common import UserError, add_output_flags, friendly_errors, require_shards, setup_logging, shard_manifest
+from jobs.settings import TrainConfig, load_train_config
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
-def default_storage_path(cfg: Any, out_dir: str | Path) -> str:
+def default_storage_path(cfg: TrainConfig, out_dir: str | Path) -> str:
     """run.storage_path (local folder, NFS or s3://), else RUN_DIR/ray."""
     sp = cfg.run.storage_path
     if sp:
@@ -57,7 +58,7 @@ def default_storage_path(cfg: Any, out_dir: str | Path) -> str:
     return str((Path(out_dir) / "ray").resolve())
 
 
-def check_shards(cfg: Any, data_dir: str | Path) -> dict[str, Any]:
+def check_shards(cfg: TrainConfig, data_dir: str | Path) -> dict[str, Any]:
     """The shard manifest, after checking it fits the model (window length). Raises UserError otherwise."""
     from jobs.evaluation import ShardMismatch, check_frames
     from pipelines.shards import split_files
@@ -76,7 +77,7 @@ def check_shards(cfg: Any, data_dir: str | Path) -> dict[str, Any]:
 HASHED_SECTIONS = ("model", "optim", "loss")  # what decides the trained weights (not scaling, not run settings)
 
 
-def config_hash(cfg: Any) -> str:
+def config_hash(cfg: TrainConfig) -> str:
     """sha256 of the config sections that decide what is trained (HASHED_SECTIONS), key order independent."""
     from h2ot.config import to_dict
 
@@ -84,14 +85,14 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps({k: d[k] for k in HASHED_SECTIONS}, sort_keys=True).encode()).hexdigest()
 
 
-def run_hash(cfg: Any, data_dir: str | Path) -> str:
+def run_hash(cfg: TrainConfig, data_dir: str | Path) -> str:
     """8 hex digits of config + shards: the default run name's suffix, so another config never resumes."""
     from pipelines.shards import manifest_hash
 
     return hashlib.sha256(f"{config_hash(cfg)}:{manifest_hash(data_dir)}".encode()).hexdigest()[:8]
 
 
-def loop_config(cfg: Any, data_dir: str | Path, *, mlflow: dict[str, str] | None = None,
+def loop_config(cfg: TrainConfig, data_dir: str | Path, *, mlflow: dict[str, str] | None = None,
                 fail_at_step: int | None = None, gflops: dict[str, float] | None = None) -> dict[str, Any]:
     """The plain dict the train loop receives (see jobs.train_loop). The FLOPs are counted here, once, unless
     given: not on rank 0 while the other ranks wait for it."""
@@ -140,7 +141,7 @@ class TrainingStopped(UserError):
     """The run ended on an error a retry cannot fix (the train loop's message)."""
 
 
-def setup_mlflow(cfg: Any, data_dir: str | Path, out_dir: str | Path, name: str,
+def setup_mlflow(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, name: str,
                  parent_run_id: str | None = None) -> dict[str, str]:
     """Create (or reuse, for a rerun into the same RUN_DIR) the MLflow run rank 0 will log into."""
     from jobs.tracking import create_run, schedule_tag, tracking_uri
@@ -171,7 +172,7 @@ def train_dataset(data_dir: str | Path, materialize: bool = True, seed: int | No
     return ds.randomize_block_order()
 
 
-def resolve_name(cfg: Any, data_dir: str | Path, name: str | None = None) -> str:
+def resolve_name(cfg: TrainConfig, data_dir: str | Path, name: str | None = None) -> str:
     """The run's name: explicit, else run.name, else what was trained (jobs.tracking.run_name) and a hash of the
     whole config and the shards (`run_hash`): a changed lr or other shards start a new run, never resume one."""
     from h2ot.config import to_dict
@@ -181,7 +182,7 @@ def resolve_name(cfg: Any, data_dir: str | Path, name: str | None = None) -> str
 
 
 def build_trainer(
-    cfg: Any,
+    cfg: TrainConfig,
     data_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -261,7 +262,7 @@ def export_best_model(result: Any, out_dir: str | Path) -> Path | None:
     return target
 
 
-def run_training(cfg: Any, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
+def run_training(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
                  **trainer_kwargs: Any) -> dict[str, Any]:
     """Train (or resume) and export: -> {metrics (last checkpoint's), best, model_path, checkpoint_path,
     run_path, mlflow}. progress: each epoch's line on stderr (EpochProgress). Raises RuntimeError when the run
@@ -328,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     apply_worker_env()
-    from h2ot.config import load_config
-
-    cfg = load_config(args.config, args.overrides, kind="train")
+    cfg = load_train_config(args.config, args.overrides)
     require_shards(args.data)
     summary = run_training(cfg, args.data, args.out, mlflow=not args.no_mlflow)
     if args.json:

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from h2ot.config import ConfigError
+from h2ot.config import ConfigError, ModelConfig
 from h2ot.engine import ShardMismatch, StepSettings, eval_batch, train_step
+from h2ot.registry import Registry
+from jobs.settings import OptimConfig, TrainConfig, train_config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +58,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: Any) -> tuple[Any, bool]:
-    """(scheduler, per_step): "exponential" steps once per epoch, "cosine" once per training step.
+LrScheduler = torch.optim.lr_scheduler.LRScheduler
+# optim.lr_schedule name -> (optimizer, optim config) -> (scheduler, per_step)
+LR_SCHEDULES: Registry[Callable[[torch.optim.Optimizer, OptimConfig], tuple[LrScheduler, bool]]] = Registry(
+    "lr schedule", key="optim.lr_schedule")
 
-    cosine: linear warm-up over optim.warmup_steps, then half a cosine from lr to 0 at the run's last step
-    (epochs x steps_per_epoch, so the cap must be set).
-    """
-    if ocfg.lr_schedule == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=ocfg.lr_decay), False
-    if ocfg.lr_schedule != "cosine":
-        raise ConfigError(f"optim.lr_schedule: unknown schedule {ocfg.lr_schedule!r}; known: exponential, cosine")
+
+@LR_SCHEDULES.register("exponential")
+def exponential_schedule(optimizer: torch.optim.Optimizer, ocfg: OptimConfig) -> tuple[LrScheduler, bool]:
+    """x optim.lr_decay once per epoch."""
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=ocfg.lr_decay), False
+
+
+@LR_SCHEDULES.register("cosine")
+def cosine_schedule(optimizer: torch.optim.Optimizer, ocfg: OptimConfig) -> tuple[LrScheduler, bool]:
+    """Linear warm-up over optim.warmup_steps, then half a cosine from lr to 0 at the run's last step
+    (epochs x steps_per_epoch, so the cap must be set); steps once per training step."""
     if not ocfg.steps_per_epoch:
         raise ConfigError("optim.lr_schedule=cosine needs optim.steps_per_epoch (the run's length in steps)")
     total, warmup = ocfg.epochs * ocfg.steps_per_epoch, max(0, ocfg.warmup_steps)
@@ -76,6 +84,11 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: Any) -> tuple[Any
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, ocfg: OptimConfig) -> tuple[LrScheduler, bool]:
+    """(scheduler, per_step) of optim.lr_schedule (see LR_SCHEDULES)."""
+    return LR_SCHEDULES.get(ocfg.lr_schedule)(optimizer, ocfg)
 
 
 class RunStopped(RuntimeError):
@@ -94,7 +107,7 @@ class Diverged(RunStopped):
 NON_RETRYABLE = (RunStopped, ConfigError, ShardMismatch)
 
 
-def step_settings(cfg: Any, device: torch.device) -> StepSettings:
+def step_settings(cfg: TrainConfig, device: torch.device) -> StepSettings:
     """The engine's step settings of a TrainConfig; AMP only on CUDA."""
     return StepSettings(in_channels=cfg.model.in_channels, tc_weight=cfg.loss.tc_weight,
                         velocity_weight=cfg.loss.velocity_weight, grad_clip=cfg.optim.grad_clip,
@@ -106,7 +119,7 @@ class Worker:
     """Everything one rank trains with, and where it stands (epoch is the next epoch to train)."""
 
     config: dict[str, Any]
-    cfg: Any
+    cfg: TrainConfig
     rank: int
     world: int
     device: torch.device
@@ -136,10 +149,9 @@ def setup_worker(config: dict[str, Any], rank: int, world: int, device: torch.de
     """Seeded model (wrapped by `prepare_model`, e.g. Ray's DDP), AdamW, lr schedule and AMP scaler on `device`.
 
     No FLOPs counting here: the driver counts them once (config["gflops"]), so no rank keeps the others waiting."""
-    from h2ot.config import config_from_dict
     from h2ot.models import build_model
 
-    cfg = config_from_dict(config["cfg"], "train")
+    cfg = train_config_from_dict(config["cfg"])
     torch.set_num_threads(max(1, cfg.scaling.torch_threads))
     seed_everything(cfg.optim.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = prepare_model(build_model(cfg.model))
@@ -380,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             shutil.rmtree(w.best_dir, ignore_errors=True)
 
 
-def _log_final(tracker: Any, model: torch.nn.Module, test: dict[str, np.ndarray], mcfg: Any,
+def _log_final(tracker: Any, model: torch.nn.Module, test: dict[str, np.ndarray], mcfg: ModelConfig,
                best: dict[str, Any], best_file: Path) -> None:
     """Rank 0 at the end: the best model file, the best metrics, and a picture of predicted vs GT skeletons."""
     import matplotlib.pyplot as plt

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs._common import add_output_flags, friendly_errors, require_shards, setup_logging
+from jobs.settings import TrainConfig
 from jobs.train import cluster_gpu_capacity
+from jobs.tune_search import TuneConfig
 from jobs.tune_trials import TRIAL_CPU, load_search, plan_resources, search_name
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,9 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
     return summary
 
 
-def make_tuner(tcfg: Any, base: Any, base_dict: dict[str, Any], trials: list[dict[str, Any]], plan: dict[str, Any],
-               run: Any, *, data_dir: str | Path, out_dir: Path, storage: str, name: str, fresh: bool) -> Any:
+def make_tuner(tcfg: TuneConfig, base: TrainConfig, base_dict: dict[str, Any], trials: list[dict[str, Any]],
+               plan: dict[str, Any], run: Any, *, data_dir: str | Path, out_dir: Path, storage: str, name: str,
+               fresh: bool) -> Any:
     """A new Tuner over the trials (as a grid), or the restored one of an interrupted search in storage/name."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler

@@ -1,7 +1,7 @@
 """The search of `h2ot tune`, apart from its CLI: the trials (drawn before Ray starts), the resources each gets,
 the function a trial runs, and the table of results.
 
-The trials are drawn by `h2ot.search.sample_trials` (valid by construction, the `include` anchors first) and
+The trials are drawn by `jobs.tune_search.sample_trials` (valid by construction, the `include` anchors first) and
 handed to Tune as a grid, so an invalid space fails in a second with the field named and the same seed gives
 the same trials. Each trial trains the base train config with its drawn schedule, TPM, TRM and lr through the
 same Ray Train loop as `h2ot train` (a function trainable that runs a TorchTrainer).
@@ -14,32 +14,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jobs.settings import TrainConfig, train_config_from_dict
+from jobs.tune_search import TuneConfig, TuneSettings, load_tune_config, sample_trials
+
 # The trial function only drives a TorchTrainer, whose workers hold the CPUs; a whole CPU per trial would leave
 # those CPUs idle on a small machine.
 TRIAL_CPU = 0.01
 STARTS_DIR = "trial_starts"  # one file per trial id, a line per (re)start: what the resume test checks
 
 
-def load_search(config: str | Path, overrides: list[str] | None = None) -> tuple[Any, Any, list[dict[str, Any]]]:
+def load_search(config: str | Path,
+                overrides: list[str] | None = None) -> tuple[TuneConfig, TrainConfig, list[dict[str, Any]]]:
     """(TuneConfig, base TrainConfig, trials): everything checked before Ray starts."""
-    from h2ot.config import load_config
-    from h2ot.search import sample_trials
-
-    tcfg = load_config(config, overrides, kind="tune")
+    tcfg = load_tune_config(config, overrides)
     base = tcfg.base_config()
     trials = sample_trials(tcfg.space, base.model, tcfg.tune, base.optim.lr)
     return tcfg, base, trials
 
 
-def search_name(tcfg: Any, config: str | Path) -> str:
+def search_name(tcfg: TuneConfig, config: str | Path) -> str:
     return tcfg.name or Path(config).stem
 
 
-def trial_train_config(base: dict[str, Any], trial: dict[str, Any]) -> Any:
+def trial_train_config(base: dict[str, Any], trial: dict[str, Any]) -> TrainConfig:
     """The TrainConfig one trial trains: the base with the drawn schedule, strategies and lr."""
-    from h2ot.config import config_from_dict
-
-    cfg = config_from_dict(base, "train")
+    cfg = train_config_from_dict(base)
     cfg.model.schedule = [list(s) for s in trial["schedule"]]
     cfg.model.tpm, cfg.model.trm, cfg.optim.lr = trial["tpm"], trial["trm"], float(trial["lr"])
     if trial.get("seed") is not None:
@@ -47,7 +46,7 @@ def trial_train_config(base: dict[str, Any], trial: dict[str, Any]) -> Any:
     return cfg
 
 
-def plan_resources(base: Any, settings: Any, cluster: dict[str, float]) -> dict[str, Any]:
+def plan_resources(base: TrainConfig, settings: TuneSettings, cluster: dict[str, float]) -> dict[str, Any]:
     """Workers per trial and concurrent trials that fit the cluster (`ray.cluster_resources()`).
 
     Workers: tune.workers_per_trial, else the base config's, lowered until one trial fits the CPUs left after
@@ -95,7 +94,7 @@ def train_trial(config: dict[str, Any], base: dict[str, Any], data_dir: str, out
         raise RuntimeError(f"trial {trial_id}: training stopped: {returned['stopped']}")
 
 
-def result_rows(grid: Any, base: Any, base_dict: dict[str, Any]) -> list[dict[str, Any]]:
+def result_rows(grid: Any, base: TrainConfig, base_dict: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per trial: its drawn values, best-epoch MPJPE, GFLOPs (measured and predicted), epochs run."""
     from h2ot.flops import predicted_linear_flops
 
@@ -123,10 +122,10 @@ def result_rows(grid: Any, base: Any, base_dict: dict[str, Any]) -> list[dict[st
     return sorted(rows, key=lambda r: (r["gflops_predicted"], r["mpjpe_mm"]))
 
 
-def summarize_search(rows: list[dict[str, Any]], settings: Any) -> dict[str, Any]:
+def summarize_search(rows: list[dict[str, Any]], settings: TuneSettings) -> dict[str, Any]:
     """Marks the Pareto rows (`pareto`) and returns the summary: best, cheapest within 1 %, full, HoT, the front,
     the hierarchical schedules that beat HoT, and (with tune.seeds) the per-schedule seed groups."""
-    from h2ot.search import pareto_front, seed_groups, summarize
+    from jobs.tune_search import pareto_front, seed_groups, summarize
 
     front = {r["trial_id"] for r in pareto_front([r for r in rows if r["complete"]])}
     for r in rows:

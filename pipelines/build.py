@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import PreprocessConfig
+from pipelines.config import SOURCES, PreprocessConfig
 from pipelines.records import BadSequence, PipelineError, SeqKey, describe
 from pipelines.safe_npz import cached_npz, npz_cache_keys, prime_npz_cache
 from pipelines.shards import (
@@ -57,20 +57,13 @@ from pipelines.windows import cut_windows, num_windows, valid_mask, window_start
 log = logging.getLogger(__name__)
 
 PIPELINE_VERSION = 2  # bump when the processing changes what is written for the same inputs and config
-SOURCE_CLASSES = {
-    "synthetic": "pipelines.sources.synthetic:SyntheticSource",
-    "h36m": "pipelines.sources.h36m:H36MSource",
-    "cmu": "pipelines.sources.cmu:CMUSource",
-    "bvh": "pipelines.sources.bvh:BVHSource",
-    "3dhp": "pipelines.sources.mpi3dhp:MPI3DHPSource",
-}
 _SOURCES: dict[str, Source] = {}
 
 
 def get_source(name: str) -> Source:
     """The (per-process, cached) source object of `name`."""
     if name not in _SOURCES:
-        module, cls = SOURCE_CLASSES[name].split(":")
+        module, cls = SOURCES.get(name).split(":")
         _SOURCES[name] = getattr(importlib.import_module(module), cls)()
     return _SOURCES[name]
 

@@ -7,9 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from h2ot.config import ConfigError, register_config_kind
+from h2ot.registry import Registry
 
 MAX_FPS = 1000.0
-SOURCES = ("h36m", "cmu", "bvh", "3dhp", "synthetic")
+# Where each source's reader lives ("module:class"; pipelines.build imports it on first use).
+SOURCES: Registry[str] = Registry("source", key="source")
+SOURCES.register("h36m", "pipelines.sources.h36m:H36MSource")
+SOURCES.register("cmu", "pipelines.sources.cmu:CMUSource")
+SOURCES.register("bvh", "pipelines.sources.bvh:BVHSource")
+SOURCES.register("3dhp", "pipelines.sources.mpi3dhp:MPI3DHPSource")
+SOURCES.register("synthetic", "pipelines.sources.synthetic:SyntheticSource")
 
 # Fields that change how a build runs but not what it writes (left out of the idempotency key).
 EXECUTION_FIELDS = ("kind", "out", "strict", "use_ray", "num_cpus", "progress")
@@ -47,8 +54,7 @@ class PreprocessConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ConfigError(f"source: unknown source {self.source!r}; known: {list(SOURCES)}")
+        SOURCES.get(self.source)
         for name in ("frames", "stride", "min_frames", "rows_per_shard", "n_cameras", "synthetic_subjects",
                      "synthetic_frames"):
             if getattr(self, name) < 1:

@@ -24,10 +24,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from h2ot.config import ConfigError, load_config
+from h2ot.config import ConfigError
 from h2ot.engine import train_step
 from h2ot.models import build_model
 from jobs.evaluation import evaluate, load_windows
+from jobs.settings import load_train_config
 from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything, step_settings
 from pipelines.shards import read_split
 
@@ -54,7 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = load_train_config(args.config, args.set)
     except (ConfigError, OSError) as e:
         print(f"recipe_probe: {e}", file=sys.stderr)
         return 2

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import jobs.tune_search  # noqa: F401  (registers the "tune" kind)
 import pipelines.config  # noqa: F401  (registers the "preprocess" kind)
-from h2ot.config import ConfigError, TrainConfig, apply_overrides, config_from_dict, deep_merge, load_config
+from h2ot.config import ConfigError, apply_overrides, config_from_dict, deep_merge, load_config
 from h2ot.models import build_model
 from h2ot.registry import Registry
+from jobs.settings import TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -129,3 +131,36 @@ def test_registry_names_the_key_and_the_known_names() -> None:
         reg.get("c")
     with pytest.raises(ConfigError, match="model.backbone: unknown backbone 'nope'; known: dstformer, "):
         build_model({"backbone": "nope"})
+    with pytest.raises(ConfigError, match=r"^space\.widgets\[1\]: unknown widget 'c'; known: a, b$"):
+        reg.get("c", key="space.widgets[1]")  # an entry of a list of names, checked against the same registry
+
+
+@pytest.mark.parametrize("check, message", [
+    (lambda: build_model({"backbone": "mixste", "schedule": [[1, 9]], "tpm": "nope"}),
+     "model.tpm: unknown pruning strategy 'nope'; known: attention, dpc_knn, "),
+    (lambda: build_model({"backbone": "mixste", "schedule": [[1, 9]], "trm": "nope"}),
+     "model.trm: unknown recovering strategy 'nope'; known: cross_attention, linear, "),
+    (lambda: pipelines.config.PreprocessConfig(source="nope"),
+     "source: unknown source 'nope'; known: 3dhp, bvh, cmu, h36m, synthetic"),
+])
+def test_every_named_choice_answers_with_the_key_and_the_known_names(check, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        check()
+    assert str(e.value).startswith(message), str(e.value)
+
+
+# --------------------------------------------------------------------------------------------- boundary
+def test_h2ot_knows_only_the_model_kind_and_names_the_module_of_the_others(tmp_path) -> None:
+    """A train file read before jobs.settings registered its kind is one line naming where the kind lives."""
+    import subprocess
+    import sys
+
+    code = ("from h2ot.config import ConfigError, load_config\n"
+            f"try:\n    load_config({str(CONFIG_DIR / 'tiny.yaml')!r})\n"
+            "except ConfigError as e:\n    print(e)\n"
+            "import jobs.settings\n"
+            f"print(type(load_config({str(CONFIG_DIR / 'tiny.yaml')!r})).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    assert "kind: config kind 'train' is registered by jobs.settings" in out[0]
+    assert out[1] == "TrainConfig"

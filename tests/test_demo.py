@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from h2ot.config import load_config
 from jobs.demo import format_paper_table, format_table, train_config
+from jobs.settings import load_train_config
 from jobs.tracking import runs_url
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -29,8 +29,8 @@ def test_demo_configs_share_the_budget_and_differ_in_schedule(size: str) -> None
 
 def test_demo_trains_the_shipped_small_mixste() -> None:
     """The demo's two models are configs/mixste_small.yaml and configs/h2ot_mixste_small.yaml."""
-    assert train_config([], "quick", 2).model == load_config(CONFIGS / "mixste_small.yaml").model
-    assert train_config(None, "quick", 2).model == load_config(CONFIGS / "h2ot_mixste_small.yaml").model
+    assert train_config([], "quick", 2).model == load_train_config(CONFIGS / "mixste_small.yaml").model
+    assert train_config(None, "quick", 2).model == load_train_config(CONFIGS / "h2ot_mixste_small.yaml").model
 
 
 def test_printed_link_opens_the_runs_page() -> None:

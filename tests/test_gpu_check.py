@@ -12,14 +12,14 @@ from jobs import gpu_check
 
 
 def test_the_plan_is_valid_for_the_jobs_it_runs(tmp_path) -> None:
-    from h2ot.config import load_config
     from jobs import eval as eval_job
     from jobs import train
+    from jobs.settings import load_train_config
 
     steps = dict(gpu_check.plan(tmp_path, steps_per_epoch=150, epochs=2))
     assert list(steps) == ["cuda", "preprocess", "train", "eval", "bench_b1", "bench_b64"]
     args = train.parse_args(steps["train"][steps["train"].index("train") + 1:])
-    cfg = load_config(gpu_check.REPO / args.config, args.overrides, kind="train")
+    cfg = load_train_config(gpu_check.REPO / args.config, args.overrides)
     assert cfg.model.frames == 243 and cfg.model.dim == 512 and cfg.model.schedule, "the paper-size H2OT model"
     assert cfg.optim.amp and cfg.scaling.use_gpu is True and cfg.scaling.num_workers == 1
     assert cfg.optim.epochs * cfg.optim.steps_per_epoch == 300

@@ -248,13 +248,13 @@ def test_rayjob_entrypoint_points_at_existing_module_and_files(job: dict[str, An
 
 
 def test_train_config_of_rayjob_loads() -> None:
-    from h2ot.config import load_config
+    from jobs.settings import load_train_config
 
     job = next(j for j in _by_kind("RayJob") if j["metadata"]["name"] == "h2ot-train")
     _, args = _entrypoint_modules(job["spec"]["entrypoint"])
     config = args[args.index("--config") + 1].removeprefix("/app/")
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-    cfg = load_config(ROOT / config, overrides)
+    cfg = load_train_config(ROOT / config, overrides)
     assert cfg.scaling.use_gpu is True and cfg.scaling.num_workers == 2
     assert cfg.run.storage_path.startswith("/shared/")
 

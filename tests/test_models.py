@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from h2ot.config import MODEL_PRESETS, ModelConfig, config_from_dict, load_config, to_dict
+from h2ot.config import MODEL_PRESETS, ModelConfig, config_from_dict, to_dict
 from h2ot.models import MODEL_REGISTRY, PoseOutput, build_model, predict
 from h2ot.pruning import TPM_REGISTRY
 from h2ot.recovery import TRM_REGISTRY
+from jobs.settings import load_train_config
 
 PRUNABLE = [name for name in MODEL_REGISTRY if name != "mlp"]  # the per-frame MLP has no frame tokens
 
@@ -140,6 +141,6 @@ def test_a_preset_and_its_configs_describe_one_model(name: str) -> None:
     expected = {"h2ot": to_dict(preset), "full": to_dict(preset) | {"schedule": []}}
     for variant, path in (("h2ot", CONFIGS / f"h2ot_{name}.yaml"), ("full", CONFIGS / f"{name}.yaml")):
         assert path.is_file(), f"preset {name!r} ships both configs: {path.name} is missing"
-        model = to_dict(load_config(path).model)
+        model = to_dict(load_train_config(path).model)
         differ = {k: (model[k], expected[variant][k]) for k in model if model[k] != expected[variant][k]}
         assert not differ, f"{path.name} and preset {name!r} differ (config, preset): {differ}"

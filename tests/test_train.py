@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from train_helpers import write_tiny_shards
 
-from h2ot.config import load_config
+from jobs.settings import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -60,7 +60,7 @@ def shards(tmp_path_factory):
 
 
 def tiny_cfg(*overrides: str):
-    return load_config(TINY, list(overrides))
+    return load_train_config(TINY, list(overrides))
 
 
 def mlflow_history(run_dir: Path, run_id: str, key: str) -> list[tuple[int, float]]:

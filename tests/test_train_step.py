@@ -13,13 +13,14 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from train_helpers import write_tiny_shards
 
-from h2ot.config import ModelConfig, load_config, to_dict
+from h2ot.config import ModelConfig, to_dict
 from h2ot.engine import StepSettings, eval_batch, step_loss, train_step
 from h2ot.layers import ATTENTION_RECEIVED, Attention
 from h2ot.losses import pose_loss
 from h2ot.models import build_model, predict
 from jobs import train_loop
 from jobs.evaluation import load_windows, window_batch
+from jobs.settings import load_train_config
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -30,7 +31,7 @@ def shards(tmp_path_factory):
 
 
 def tiny_cfg(*overrides: str):
-    return load_config(TINY_CONFIG, list(overrides))
+    return load_train_config(TINY_CONFIG, list(overrides))
 
 
 def batch_of(data: dict[str, np.ndarray], n: int = 4) -> dict[str, torch.Tensor]:

@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from h2ot.config import ConfigError, ModelConfig, SearchSpace, TuneSettings, load_config
+from h2ot.config import ConfigError, ModelConfig, load_config
 from h2ot.schedule import validate_schedule
-from h2ot.search import (
+from jobs.settings import load_train_config
+from jobs.tune_search import (
+    SearchSpace,
+    TuneSettings,
     cheapest_within,
     draw_schedule,
     pareto_front,
@@ -170,7 +173,7 @@ def test_tune_configs_load_with_their_base_and_dry_run(capsys) -> None:
 def test_resources_fit_the_cluster() -> None:
     from jobs.tune_trials import plan_resources
 
-    base = load_config(REPO / "configs" / "mixste_small.yaml")  # 2 workers x 0.5 CPU
+    base = load_train_config(REPO / "configs" / "mixste_small.yaml")  # 2 workers x 0.5 CPU
     plan = plan_resources(base, TuneSettings(), {"CPU": 2.0})
     assert plan["workers_per_trial"] == 2 and plan["max_concurrent_trials"] == 1  # 1 CPU left for Ray Data
     plan = plan_resources(base, TuneSettings(), {"CPU": 1.0})
@@ -204,7 +207,7 @@ def test_progress_line_counts_ended_trials_and_names_the_best_so_far() -> None:
 
 
 def test_tune_module_imports_without_ray() -> None:
-    code = "import sys, jobs.tune, h2ot.search; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, jobs.tune, jobs.tune_search; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

@@ -1,4 +1,5 @@
-"""The pure side of `h2ot tune`: search-space checks, a sampler that only draws valid schedules, the Pareto
+"""The pure side of `h2ot tune`: its config (`TuneConfig`: the search space and the tune settings around a base
+train config; the `tune` config kind), search-space checks, a sampler that only draws valid schedules, the Pareto
 front of (GFLOPs, MPJPE) and the search summary. No Ray, no MLflow: unit-testable in milliseconds.
 
 A trial is a plain dict {"schedule": [[block, tokens], ...], "tpm": str, "trm": str, "lr": float}; a result row
@@ -10,13 +11,90 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from h2ot.config import ConfigError, ModelConfig, SearchSpace, TuneSettings
+from h2ot.config import ConfigError, ModelConfig, load_config, register_config_kind
+from h2ot.registry import Registry
 from h2ot.schedule import validate_schedule
+from jobs.settings import TrainConfig, load_train_config
 
-SCHEDULERS = ("asha", "none")
+# Trial schedulers `tune.scheduler` may name (jobs/tune.py builds them): name -> what it does.
+SCHEDULERS: Registry[str] = Registry("scheduler", key="tune.scheduler")
+SCHEDULERS.register("asha", "ASHA: stops the worst trials at each rung")
+SCHEDULERS.register("none", "FIFO: every trial runs all epochs")
 MAX_DRAWS_PER_TRIAL = 200  # attempts to draw an unseen trial before the space counts as exhausted
+
+
+@dataclass
+class SearchSpace:
+    """What `h2ot tune` draws each trial from (sample_trials); every drawn schedule is valid.
+
+    A schedule of k stages takes k distinct `blocks` (ascending) and k distinct `tokens` (descending), so the
+    tokens decrease and the blocks increase by construction. `include` schedules (e.g. the full model `[]` and
+    HoT's one stage) are always trials, first; `lr` is a log-uniform range [low, high] (or one value).
+    """
+
+    stages: list[int] = field(default_factory=lambda: [1, 2, 3])  # stage counts to draw from (0 = full model)
+    tokens: list[int] = field(default_factory=list)  # kept-token counts a stage may use, each < model.frames
+    blocks: list[int] | None = None  # blocks a stage may start at; None: 1 .. depth-1 (pruning at 0 hurts)
+    tpm: list[str] = field(default_factory=lambda: ["dpc_knn"])  # h2ot.pruning.TPM_REGISTRY names
+    trm: list[str] = field(default_factory=lambda: ["cross_attention"])  # h2ot.recovery.TRM_REGISTRY names
+    lr: list[float] = field(default_factory=list)  # [low, high] log-uniform, [value], or [] (the base lr)
+    include: list[list[list[int]]] = field(default_factory=list)  # schedules tried in every search
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = 16  # trials, `include` ones counted
+    seed: int = 0  # of the sampler (the same seed draws the same trials)
+    metric: str = "val/mpjpe_mm"
+    mode: str = "min"
+    scheduler: str = "asha"  # "asha" or "none" (FIFO: every trial runs all epochs)
+    grace_period: int = 1  # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's CPUs/GPUs hold
+    workers_per_trial: int | None = None  # Ray Train workers per trial; None: the base config's, capped to the cluster
+    reserve_cpus: float = 1.0  # CPUs left free for Ray Data's readers (else they wait behind the trials)
+    hot_schedule: list[list[int]] = field(default_factory=list)  # the one-stage HoT point marked on the plot
+    seeds: list[int] = field(default_factory=list)  # train every drawn trial once per seed (optim.seed); []: base
+
+
+@dataclass
+class TuneConfig:
+    """`h2ot tune`: search `space` around the train config `base` (a path relative to this file), each trial
+    trained with `base` + `train_overrides` (dotted `key=value`, as `--set`) + its drawn values."""
+
+    kind: str = "tune"
+    base: str = ""
+    train_overrides: list[str] = field(default_factory=list)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    name: str | None = None  # the search's name (Ray Tune experiment, MLflow parent run); default: from the file
+    experiment: str | None = None  # MLflow experiment; None: the base config's run.experiment
+
+    def base_config(self, overrides: list[str] | None = None) -> TrainConfig:
+        """The base TrainConfig with `train_overrides` (+ `overrides`) applied."""
+        if not self.base:
+            raise ConfigError("base: a tune config names the train config it searches around (base: mixste.yaml)")
+        return load_train_config(self.base, [*self.train_overrides, *(overrides or [])])
+
+    def model_config(self) -> ModelConfig:
+        return self.base_config().model
+
+    def resolve_paths(self, folder: Path) -> None:
+        """`base` is relative to the tune config's folder (h2ot.config.load_config calls this)."""
+        if self.base and not Path(self.base).is_absolute():
+            self.base = str((folder / self.base).resolve())
+
+
+register_config_kind("tune", TuneConfig)
+
+
+def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> TuneConfig:
+    """A tune YAML file (+ dotted `--set` overrides) -> TuneConfig, its `base` resolved to an absolute path."""
+    return load_config(path, overrides, kind="tune")
 
 
 def default_blocks(depth: int) -> list[int]:
@@ -57,10 +135,9 @@ def validate_space(space: SearchSpace, model: ModelConfig, settings: TuneSetting
         raise ConfigError(f"model.frames: a seq2frame model needs an odd frame count, got {frames}")
     for field_name, names, registry in (("tpm", space.tpm, TPM_REGISTRY), ("trm", space.trm, TRM_REGISTRY)):
         if not names:
-            raise ConfigError(f"space.{field_name}: empty; name at least one of {sorted(registry)}")
+            raise ConfigError(f"space.{field_name}: empty; name at least one of {registry.names()}")
         for i, name in enumerate(names):
-            if name not in registry:
-                raise ConfigError(f"space.{field_name}[{i}]: unknown strategy {name!r}; known: {sorted(registry)}")
+            registry.get(name, key=f"space.{field_name}[{i}]")
     if len(space.lr) > 2 or any(not (v > 0 and math.isfinite(v)) for v in space.lr):
         raise ConfigError(f"space.lr: expected [] (the base lr), [value] or [low, high] with positive values, "
                           f"got {space.lr}")
@@ -81,8 +158,7 @@ def _validate_settings(space: SearchSpace, settings: TuneSettings, model: ModelC
     if settings.num_samples < len(space.include):
         raise ConfigError(f"tune.num_samples: {settings.num_samples} is fewer than the {len(space.include)} "
                           "space.include schedules")
-    if settings.scheduler not in SCHEDULERS:
-        raise ConfigError(f"tune.scheduler: unknown {settings.scheduler!r}; known: {list(SCHEDULERS)}")
+    SCHEDULERS.get(settings.scheduler)
     if settings.mode not in ("min", "max"):
         raise ConfigError(f"tune.mode: {settings.mode!r}; expected 'min' or 'max'")
     if settings.grace_period < 1 or settings.reduction_factor < 2:
