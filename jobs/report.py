@@ -1,6 +1,6 @@
 """The report of a Tune search: the trial table (CSV, JSON, Markdown), the Pareto plot, the text summary.
 
-Pure files and matplotlib; the MLflow side is `jobs.tracking.SearchRun.log_report`.
+Pure files and matplotlib; the MLflow side is `jobs.tracking.search.SearchRun.log_report`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ trial ends, a line says how many trials have ended out of how many, and which is
 OUT receives: mlflow.db (unless MLFLOW_TRACKING_URI is set), ray/<name>/ (Tune's experiment, restorable) and
 ray/<name>-train/ (the trials' Train runs and checkpoints), pareto.csv, pareto.json, pareto.md, pareto.png,
 summary.json (jobs.report). MLflow: a parent run per search (the Pareto table, plot and summary) and a child run
-per trial, all written by the driver (jobs.tracking.SearchRun), so concurrent trials never lock one sqlite file.
+per trial, all written by the driver (jobs.tracking.search.SearchRun), so concurrent trials never lock one sqlite file.
 Rerunning the same command resumes an interrupted search (`Tuner.restore`): finished trials are kept, unfinished
 ones continue from their last Train checkpoint. Against a cluster: set RAY_ADDRESS (and run.storage_path of the
 base config, or --storage, to a shared path); trial concurrency and workers per trial follow the cluster's size.
@@ -42,7 +42,8 @@ def run_search(config: str | Path, data_dir: str | Path, out_dir: str | Path, *,
     from cluster.ray_session import connect
     from h2ot.config import to_dict
     from jobs.report import write_search_report
-    from jobs.tracking import SearchRun, tracking_uri
+    from jobs.tracking import tracking_uri
+    from jobs.tracking.search import SearchRun
     from jobs.train import WORKER_ENV, check_shards, default_storage_path
     from jobs.tune_trials import result_rows, summarize_search
 

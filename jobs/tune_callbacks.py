@@ -1,5 +1,5 @@
 """Tune callbacks of `h2ot tune`, run in the driver: a child MLflow run per trial (written through
-`jobs.tracking.ChildRuns`), and a progress line each time a trial ends.
+`jobs.tracking.search.ChildRuns`), and a progress line each time a trial ends.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from jobs.tracking import TRIAL_METRICS, ChildRuns, schedule_tag
+from jobs.tracking import schedule_tag
+from jobs.tracking.search import TRIAL_METRICS, ChildRuns
 
 log = logging.getLogger("jobs.tune")
 

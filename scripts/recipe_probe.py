@@ -28,8 +28,9 @@ from h2ot.config import ConfigError
 from h2ot.engine import train_step
 from h2ot.models import build_model
 from jobs.evaluation import evaluate, load_windows
+from jobs.lr_schedules import build_lr_scheduler
 from jobs.settings import load_train_config
-from jobs.train_loop import TRAIN_COLUMNS, build_lr_scheduler, seed_everything, step_settings
+from jobs.train_loop import TRAIN_COLUMNS, seed_everything, step_settings
 from pipelines.shards import read_split
 
 

@@ -84,7 +84,7 @@ def test_mismatched_window_length_is_refused_before_ray_starts(tmp_path, capsys)
 def test_cosine_schedule_warms_up_decays_to_zero_and_resumes() -> None:
     import torch
 
-    from jobs.train_loop import build_lr_scheduler
+    from jobs.lr_schedules import build_lr_scheduler
 
     ocfg = tiny_cfg("optim.lr_schedule=cosine", "optim.warmup_steps=4", "optim.epochs=2",
                     "optim.steps_per_epoch=10", "optim.lr=0.1").optim
@@ -110,7 +110,7 @@ def test_cosine_schedule_warms_up_decays_to_zero_and_resumes() -> None:
 def test_cosine_schedule_needs_a_step_cap_and_unknown_schedules_are_named() -> None:
     import torch
 
-    from jobs.train_loop import build_lr_scheduler
+    from jobs.lr_schedules import build_lr_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="steps_per_epoch"):
