@@ -102,7 +102,7 @@ def build_child(config_json: str) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         build_shards(config=PreprocessConfig(**json.loads(config_json)))
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except PipelineError as e:  # its last lines of stderr become the parent's error message
+        logging.getLogger(__name__).error("%s", e)
         return 2
     return 0
