@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -73,3 +74,36 @@ def require_shards(data: str | Path) -> None:
     """A UserError unless `data` is a folder (the shards of `h2ot preprocess`)."""
     if not Path(data).is_dir():
         raise UserError(f"--data {data}: no such folder (run `h2ot preprocess --out {data}` first)")
+
+
+MAX_ERROR_CHARS = 200
+
+
+def one_line(error: Exception, limit: int = MAX_ERROR_CHARS) -> str:
+    """The first line of an error message, shortened (torch's unpickling errors run to many lines)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode, ModelConfig) of an h2ot checkpoint; every way it can be unreadable is one UserError."""
+    import torch
+
+    from h2ot.checkpoint import load_checkpoint
+    from h2ot.config import ConfigError, config_from_dict
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
+    try:
+        model, payload = load_checkpoint(path)
+        cfg = config_from_dict({"kind": "model", "model": payload["model_config"]}).model
+    except FileNotFoundError:
+        raise UserError(f"--checkpoint {path}: no such file") from None
+    except (ValueError, ConfigError, RuntimeError, KeyError) as e:
+        if "Weights only load failed" in str(e):  # torch's advice to unpickle arbitrary code is not ours to give
+            raise UserError(
+                f"--checkpoint {path}: cannot load the model (not a file written by h2ot's save_checkpoint: it holds "
+                "objects that a weights-only load refuses)"
+            ) from None
+        raise UserError(f"--checkpoint {path}: cannot load the model ({one_line(e)})") from None
+    return model, cfg

@@ -71,9 +71,9 @@ def _models(args: argparse.Namespace) -> tuple[str, dict, dict]:
     from h2ot.models import build_model
 
     if args.checkpoint:
-        from jobs.export import load_torch_model
+        from jobs._common import load_model
 
-        trained, cfg = load_torch_model(args.checkpoint)
+        trained, cfg = load_model(args.checkpoint)
         cfgs = _config_variants(cfg)
         models = {}
         for name, c in cfgs.items():

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import logging
 import sys
 from pathlib import Path
 
-from jobs._common import UserError, friendly_errors, require_shards, setup_logging
+from jobs._common import UserError, friendly_errors, load_model, require_shards, setup_logging
+from pipelines.shards import file_sha256
 
 log = logging.getLogger("h2ot.export")
 RUNTIMES = ("eager", "compile", "onnx")
@@ -54,28 +54,13 @@ def quiet_exporter():
         log.debug("exporter output:\n%s", captured.getvalue())
 
 
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_torch_model(checkpoint: str):
-    """(model in eval mode, ModelConfig) of a checkpoint, with one-line errors."""
-    from jobs.infer import _load_model
-
-    return _load_model(checkpoint, "cpu")
-
-
 def write_onnx(checkpoint: str, out: str | Path):
     """Export `checkpoint` to `out` with the provenance metadata -> (torch model, cfg, path)."""
     from h2ot.export import ExportError, export_onnx
     from jobs.tracking import git_revision
 
-    model, cfg = load_torch_model(checkpoint)
-    meta = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": sha256_of(checkpoint),
+    model, cfg = load_model(checkpoint)
+    meta = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": file_sha256(checkpoint),
             "code_revision": git_revision()}
     try:
         with quiet_exporter():
@@ -102,7 +87,7 @@ def load_runtime_model(checkpoint: str, runtime: str, threads: int | None = None
         folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="h2ot-onnx-"))
         _, _, path = write_onnx(checkpoint, folder / (Path(checkpoint).stem + ".onnx"))
         return load_onnx_model(str(path), threads)
-    model, cfg = load_torch_model(checkpoint)
+    model, cfg = load_model(checkpoint)
     if runtime == "compile":
         import torch
 

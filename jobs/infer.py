@@ -16,10 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs._common import UserError, friendly_errors, setup_logging
+from jobs._common import UserError, friendly_errors, load_model, setup_logging
 
 log = logging.getLogger("h2ot.infer")
-MAX_ERROR_CHARS = 200
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,45 +78,16 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError("--animation mp4 needs ffmpeg on PATH; use --animation gif")
 
 
-def _load_model(path: str, device: str):
-    import torch
-
-    from h2ot.checkpoint import load_checkpoint
-    from h2ot.config import ConfigError, config_from_dict
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available to torch here; use --device cpu")
-    try:
-        model, payload = load_checkpoint(path)
-        cfg = config_from_dict({"kind": "model", "model": payload["model_config"]}).model
-    except FileNotFoundError:
-        raise UserError(f"--checkpoint {path}: no such file") from None
-    except (ValueError, ConfigError, RuntimeError, KeyError) as e:
-        if "Weights only load failed" in str(e):  # torch's advice to unpickle arbitrary code is not ours to give
-            raise UserError(
-                f"--checkpoint {path}: cannot load the model (not a file written by h2ot's save_checkpoint: it holds "
-                "objects that a weights-only load refuses)"
-            ) from None
-        raise UserError(f"--checkpoint {path}: cannot load the model ({_one_line(e)})") from None
-    return model, cfg
-
-
 def load_model_for(checkpoint: str, runtime: str | None, device: str = "cpu"):
     """(model, cfg) for `checkpoint` in `runtime` (None: eager for .pt, onnx for .onnx)."""
     runtime = runtime or ("onnx" if str(checkpoint).endswith(".onnx") else "eager")
     if runtime == "eager" and not str(checkpoint).endswith(".onnx"):
-        return _load_model(checkpoint, device)
+        return load_model(checkpoint, device)
     if device != "cpu" and runtime == "onnx":
         raise UserError("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); use --device cpu")
     from jobs.export import load_runtime_model
 
     return load_runtime_model(checkpoint, runtime)
-
-
-def _one_line(error: Exception, limit: int = MAX_ERROR_CHARS) -> str:
-    """The first line of an error message, shortened (torch's unpickling errors run to many lines)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_json(path: Path, poses, fps: float) -> None:
