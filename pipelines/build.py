@@ -1,15 +1,18 @@
 """Build a shard folder: plan sequences, process them in groups (Ray Data or one process), write atomically.
 
-Both execution paths call the same `process_group` (load -> `prepare_sequence` -> windows -> `write_shard`)
-on the same groups, so they write byte-identical files; only the scheduling differs:
+The input is cut into units (one per file for a source that reads several, h36m; else the whole input). Each
+unit is planned where it is processed, its sequences packed into groups (`make_groups`), and both execution paths
+call the same `process_group` (load -> `prepare_sequence` -> windows -> `write_shard`) on the same groups, so
+they write byte-identical files; only the scheduling differs:
 
-- `use_ray=True`: a Ray Data pipeline, `from_items(groups).map(process_group)`, one task per group;
+- `use_ray=True`: a Ray Data pipeline, `from_items(chunks).map(run_unit)`: one task per chunk of a unit's
+  groups, about two per CPU; each task parses its file itself (the driver reads no input);
 - `use_ray=False`: a plain loop in this process (fast tests, and the benchmark's baseline).
 
-Idempotent and atomic: the build key hashes the content config, the schema and the inputs' bytes; an
-unchanged key with intact files (their sha256 verified) is a no-op. A build writes `.<out>.tmp-<pid>-<id>/`,
-checks that sequences in = written + quarantined + skipped (subjects in neither split, listed with the reason),
-writes the manifest last and renames the folder into place.
+Idempotent and atomic: the build key hashes the content config, the schema and the inputs' bytes (hashed in
+threads while the build runs); an unchanged key with intact files (their sha256 verified) is a no-op. A build
+writes `.<out>.tmp-<pid>-<id>/`, checks that sequences in = written + quarantined + skipped (subjects in neither
+split, listed with the reason), writes the manifest last and renames the folder into place.
 
 Safe with the user's files: a folder is replaced only if the builder wrote it (its manifest schema and build
 key, nothing in it but that manifest and the train/ and test/ files it lists); otherwise the build stops with an
@@ -38,12 +41,11 @@ import numpy as np
 
 from pipelines.config import SOURCES, PreprocessConfig
 from pipelines.records import BadSequence, PipelineError, SeqKey, describe
-from pipelines.safe_npz import cached_npz, npz_cache_keys, prime_npz_cache
+from pipelines.safe_npz import keep_npz_cached
 from pipelines.shards import (
     MANIFEST,
     SCHEMA_VERSION,
     SPLITS,
-    TENSOR_COLUMNS,
     content_hash,
     file_sha256,
     read_manifest_file,
@@ -52,7 +54,7 @@ from pipelines.shards import (
     write_shard,
 )
 from pipelines.sources.base import Plan, Source, plan_checked, read_sequence
-from pipelines.windows import cut_windows, num_windows, valid_mask, window_starts
+from pipelines.windows import num_windows, valid_mask, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,8 @@ def subject_lists(cfg: PreprocessConfig, source: Source) -> tuple[list[str], lis
 
 def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str]:
     """Set key['split'] on every planned key; a subject in neither split moves to `plan.skipped` with its
-    reason (nothing disappears without a word). Returns warnings."""
-    warnings = []
+    reason (nothing disappears without a word). Returns warnings (wanted subjects missing from this plan)."""
+    present = subjects_present(plan)
     kept = []
     for key in plan.keys:
         split = split_of(key["subject"], cfg, source)
@@ -108,18 +110,29 @@ def assign_splits(plan: Plan, cfg: PreprocessConfig, source: Source) -> list[str
         else:
             quarantine.append(entry)
     plan.quarantine = quarantine
-    present = {k["subject"] for k in plan.keys} | {q.get("subject") for q in plan.quarantine}
+    check_subject_lists(cfg, source)
+    plan.keys = kept
+    return missing_subjects(present, cfg, source)
+
+
+def subjects_present(plan: Plan) -> set[str]:
+    """The subjects a plan holds (planned or quarantined), as the split lists name them."""
+    return {str(k["subject"]) for k in plan.keys} | {str(q.get("subject")) for q in plan.quarantine}
+
+
+def missing_subjects(present: set[str], cfg: PreprocessConfig, source: Source) -> list[str]:
+    """A warning for each subject of the split lists that the input does not hold."""
     test, train = subject_lists(cfg, source)
-    for name, wanted in (("test", test), ("train", train or [])):
-        for subject in wanted:
-            if subject not in present:
-                warnings.append(f"{name} subject {subject} is not in the input; skipped")
+    return [f"{name} subject {subject} is not in the input; skipped"
+            for name, wanted in (("test", test), ("train", train or [])) for subject in wanted
+            if subject not in present]
+
+
+def check_subject_lists(cfg: PreprocessConfig, source: Source) -> None:
+    test, train = subject_lists(cfg, source)
     overlap = set(test) & set(train or [])
     if overlap:
         raise PipelineError(f"subjects {sorted(overlap)} are in both train_subjects and test_subjects")
-    plan.keys = kept
-    return warnings
-
 
 def _not_in_a_split(subject: object) -> str:
     return f"subject {subject} is in neither the train nor the test subjects"
@@ -145,42 +158,43 @@ def make_groups(keys: list[SeqKey], cfg: PreprocessConfig) -> list[list[SeqKey]]
 # ------------------------------------------------------------------------------------------ processing
 def sequence_windows(prep: Any, frames: int, stride: int) -> dict[str, Any]:
     """Windows of one prepared sequence: tensor columns [n, frames, ...] plus string columns and start."""
-    length = len(prep.pose_3d)
-    starts = window_starts(length, frames, stride)
-    n = len(starts)
-    valid = cut_windows(prep.valid, starts, frames) * valid_mask(length, starts, frames)
-    return {
-        "pose_2d": cut_windows(prep.pose_2d, starts, frames),
-        "conf_2d": cut_windows(prep.conf_2d, starts, frames),
-        "pose_3d": cut_windows(prep.pose_3d, starts, frames),
-        "valid": valid.astype(np.uint8),
-        "subject": [prep.subject] * n, "action": [prep.action] * n, "camera": [prep.camera] * n,
-        "source": [prep.source] * n, "start": starts,
-    }
+    return _windows([(prep, window_starts(len(prep.pose_3d), frames, stride))], frames)
 
 
-def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The windows of several sequences as one set of columns (arrays concatenated, lists joined)."""
-    if len(parts) == 1:
-        return parts[0]
-    out: dict[str, Any] = {}
-    for name in parts[0]:
-        if name in TENSOR_COLUMNS or name == "start":
-            out[name] = np.concatenate([p[name] for p in parts])
-        else:
-            out[name] = [v for p in parts for v in p[name]]
+def _windows(parts: list[tuple[Any, np.ndarray]], frames: int) -> dict[str, Any]:
+    """The windows of several prepared sequences (each with its window starts) as one set of columns.
+
+    Each tensor column is allocated once and the windows are gathered straight into it (no per-sequence arrays
+    to concatenate: that copy was a seventh of a group's time on Human3.6M)."""
+    total = sum(len(starts) for _, starts in parts)
+    first = parts[0][0]
+    out: dict[str, Any] = {name: np.empty((total, frames, *getattr(first, name).shape[1:]), getattr(first, name).dtype)
+                           for name in ("pose_2d", "conf_2d", "pose_3d")}
+    out["valid"] = np.empty((total, frames), np.uint8)
+    lo = 0
+    for prep, starts in parts:
+        length, hi = len(prep.pose_3d), lo + len(starts)
+        idx = np.clip(starts[:, None] + np.arange(frames)[None, :], 0, length - 1)
+        for name in ("pose_2d", "conf_2d", "pose_3d"):
+            np.take(getattr(prep, name), idx, axis=0, out=out[name][lo:hi], mode="clip")
+        out["valid"][lo:hi] = prep.valid[idx] * valid_mask(length, starts, frames)
+        lo = hi
+    for name in ("subject", "action", "camera", "source"):
+        out[name] = [getattr(prep, name) for prep, starts in parts for _ in range(len(starts))]
+    out["start"] = np.concatenate([starts for _, starts in parts])
     return out
 
 
-def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], out_dir: str) -> dict[str, Any]:
+def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], out_dir: str,
+                  prefix: str = "part") -> dict[str, Any]:
     """THE unit of work of both paths: load, validate, prepare and window each sequence of a group, and
-    write its shards `out_dir/<split>/part-<group>-<k>.parquet` (at most rows_per_shard rows each).
+    write its shards `out_dir/<split>/<prefix>-<group>-<k>.parquet` (at most rows_per_shard rows each).
 
-    Returns {"sequences": [...], "quarantine": [...], "files": {relpath: {bytes, rows, sha256}}}.
+    Returns {"group", "sequences": [...], "quarantine": [...], "files": {relpath: {bytes, rows, sha256}}}.
     """
     cfg = PreprocessConfig(**cfg_dict)
     source = get_source(cfg.source)
-    per_split: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    per_split: dict[str, list[tuple[Any, np.ndarray]]] = defaultdict(list)
     sequences, quarantine = [], []
     for key in keys:
         ident = {k: key.get(k) for k in ("file", "subject", "action", "camera", "split")}
@@ -192,39 +206,98 @@ def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], o
             quarantine.append({**ident, "reason": str(e)})
             continue
         stride = cfg.stride if key["split"] == "train" else cfg.effective_test_stride
-        win = sequence_windows(prep, cfg.frames, stride)
-        per_split[key["split"]].append(win)
-        sequences.append({**ident, "frames": int(len(prep.pose_3d)), "windows": int(len(win["start"])),
+        starts = window_starts(len(prep.pose_3d), cfg.frames, stride)
+        per_split[key["split"]].append((prep, starts))
+        sequences.append({**ident, "frames": int(len(prep.pose_3d)), "windows": int(len(starts)),
                           "valid_frames": int(prep.valid.sum()), "reprojection_px": prep.reprojection_px})
     files = {}
     for split in SPLITS:
-        parts = per_split.get(split)
+        parts = per_split.pop(split, None)
         if not parts:
             continue
-        columns = _concat(parts)  # once per split; each shard takes a slice (views, no copy)
+        columns = _windows(parts, cfg.frames)  # once per split; each shard takes a slice (views, no copy)
+        del parts
         total = len(columns["start"])
         for k, lo in enumerate(range(0, total, cfg.rows_per_shard)):
-            rel = f"{split}/part-{group_id:05d}-{k:03d}.parquet"
+            rel = f"{split}/{prefix}-{group_id:05d}-{k:03d}.parquet"
             table = windows_table({name: col[lo:lo + cfg.rows_per_shard] for name, col in columns.items()})
             size = write_shard(table, Path(out_dir) / rel)
             files[rel] = {"bytes": size, "rows": table.num_rows, "sha256": file_sha256(Path(out_dir) / rel)}
     return {"group": group_id, "sequences": sequences, "quarantine": quarantine, "files": files}
 
 
-def _progress(total: int, enabled: bool, desc: str):
+# ------------------------------------------------------------------------------------------ units of work
+# A unit is a part of the input planned on its own: one file of a multi-file source (h36m), else the whole input.
+# Both paths plan a unit where they process it, cut its sequences into the same groups (`make_groups`) and name
+# the shards after (unit, group), so their files are identical. The Ray path splits a unit's groups into chunks,
+# one task each, so that a file is parsed by as few workers as keep the CPUs busy.
+CHUNKS_PER_CPU = 2  # tasks per CPU the Ray path aims at: few enough that a worker rarely parses a file twice
+
+
+def unit_configs(cfg: PreprocessConfig, source: Source) -> list[PreprocessConfig]:
+    """One config per unit: `cfg` with `input` set to each of the source's files, or `cfg` itself."""
+    files = source.units(cfg)
+    if files is None or (len(files) == 1 and files[0] == cfg.input):
+        return [cfg]
+    return [dataclasses.replace(cfg, input=f) for f in files]
+
+
+def shard_prefix(unit: int, units: int) -> str:
+    """'part' for a single unit (the names of a one-file build), 'part-<unit>' for several."""
+    return "part" if units == 1 else f"part-{unit:03d}"
+
+
+def plan_unit(cfg: PreprocessConfig, source: Source) -> tuple[Plan, set[str]]:
+    """The plan of one unit with its splits assigned, and the subjects it holds."""
+    plan = plan_checked(source, cfg)
+    present = subjects_present(plan)
+    assign_splits(plan, cfg, source)  # its missing-subject warnings are the builder's, over every unit
+    return plan, present
+
+
+def run_unit(unit: int, units: int, cfg_dict: dict[str, Any], out_dir: str, chunk: int = 0, chunks: int = 1,
+             bar: Any = None) -> dict[str, Any]:
+    """Plan a unit and process its groups of `chunk` (of `chunks`, contiguous). Chunk 0 also reports the unit's
+    plan: {"unit", "groups": [process_group results], "plan": {...} or None, "plan_s"}."""
+    t0 = time.perf_counter()
+    cfg = PreprocessConfig(**cfg_dict)
+    source = get_source(cfg.source)
+    plan, present = plan_unit(cfg, source)
+    keep_npz_cached(plan.inputs)  # what earlier tasks of this process parsed for other units is freed
+    groups = make_groups(plan.keys, cfg)
+    lo, hi = len(groups) * chunk // chunks, len(groups) * (chunk + 1) // chunks
+    plan_s = time.perf_counter() - t0
+    if bar is not None:
+        bar.total += hi - lo
+        bar.refresh()
+    results = []
+    for g in range(lo, hi):
+        results.append(process_group(g, groups[g], cfg_dict, out_dir, shard_prefix(unit, units)))
+        if bar is not None:
+            bar.update(1)
+    summary = None
+    if chunk == 0:
+        summary = {"sequences_in": len(plan.keys) + len(plan.quarantine) + len(plan.skipped),
+                   "quarantine": plan.quarantine, "skipped": plan.skipped, "warnings": plan.warnings,
+                   "info": plan.info, "subjects": sorted(present)}
+    return {"unit": unit, "groups": results, "plan": summary, "plan_s": plan_s}
+
+
+def _progress(total: int, enabled: bool, desc: str, unit: str = "group"):
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="group", leave=False)
+    return tqdm(total=total, disable=not enabled, desc=desc, unit=unit, leave=False)
 
 
-def run_local(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str) -> list[dict[str, Any]]:
-    """The single-process path: process_group over every group, in order."""
-    cfg_dict = dataclasses.asdict(cfg)
-    results = []
-    with _progress(len(groups), cfg.progress, f"preprocess {cfg.source}") as bar:
-        for i, group in enumerate(groups):
-            results.append(process_group(i, group, cfg_dict, out_dir))
-            bar.update(1)
+def run_local(units: list[PreprocessConfig], cfg: PreprocessConfig, out_dir: str,
+              timings: dict[str, float]) -> list[dict[str, Any]]:
+    """The single-process path: every unit, planned then processed, in order."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    with _progress(0, cfg.progress, f"preprocess {cfg.source}") as bar:
+        results = [run_unit(u, len(units), dataclasses.asdict(ucfg), out_dir, bar=bar) for u, ucfg in enumerate(units)]
+    timings["process_s"] = time.perf_counter() - t0
+    timings["task_cpu_s"] = time.process_time() - c0
+    timings["task_plan_s"] = sum(r["plan_s"] for r in results)
     return results
 
 
@@ -235,21 +308,28 @@ def init_ray(num_cpus: int | None = None) -> bool:
     return connect(num_cpus=num_cpus, dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
-            inputs: list[str] | None = None, timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """The Ray Data path: one row per group, `map(process_group)` on the cluster's CPUs, results streamed back.
+def chunk_counts(weights: list[float], cpus: int) -> list[int]:
+    """Tasks per unit: about CHUNKS_PER_CPU * cpus in all, shared by weight (bytes), at least one per unit."""
+    total = sum(weights) or 1.0
+    target = CHUNKS_PER_CPU * max(1, cpus)
+    return [max(1, round(target * w / total)) for w in weights]
 
-    Input files the driver has already parsed while planning (`inputs`, e.g. the Human3.6M npz) go to the
-    object store once and every worker maps them from there, instead of each worker parsing the file again.
-    `timings` (if given) receives process_s, task_cpu_s and, if this call started Ray, ray_start_s and ray_stop_s.
+
+def _unit_weight(cfg: PreprocessConfig) -> float:
+    return float(os.path.getsize(cfg.input)) if isinstance(cfg.input, str) and os.path.isfile(cfg.input) else 1.0
+
+
+def run_ray(units: list[PreprocessConfig], cfg: PreprocessConfig, out_dir: str,
+            timings: dict[str, float]) -> list[dict[str, Any]]:
+    """The Ray Data path: one row per (unit, chunk), `map` on the cluster's CPUs, results streamed back.
+
+    The driver sends only the units' configs: each task plans its unit and reads its file itself (a worker keeps
+    the file it parsed for its next chunk of it), and writes its shards straight into `out_dir`. Ray must be
+    initialised. `timings` receives process_s, task_cpu_s, task_plan_s (planning and parsing in the tasks),
+    tasks and cpus.
     """
     import ray
 
-    timings = {} if timings is None else timings
-    t0 = time.perf_counter()
-    started = init_ray(cfg.num_cpus)
-    if started:
-        timings["ray_start_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     reservation = ctx.op_resource_reservation_enabled
@@ -259,46 +339,38 @@ def run_ray(groups: list[list[SeqKey]], cfg: PreprocessConfig, out_dir: str,
         # One operator, nothing downstream to protect: without this, Ray Data reserves half of the CPUs per
         # operator and on 2 CPUs started the map's tasks one at a time for the first seconds (measured).
         ctx.op_resource_reservation_enabled = False
-        cfg_dict = dataclasses.asdict(cfg)
-        parsed = cached_npz(inputs or [])
-        parsed_ref = ray.put(parsed) if parsed else None
-        parsed_keys = list(parsed)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        unit_dicts = [dataclasses.asdict(u) for u in units]
+        items = [{"unit": u, "chunk": k, "chunks": n}
+                 for u, n in enumerate(chunk_counts([_unit_weight(u) for u in units], cpus)) for k in range(n)]
 
         def work(row: dict[str, Any]) -> dict[str, Any]:
             c0 = time.process_time()
-            if parsed_ref is not None and not all(k in npz_cache_keys() for k in parsed_keys):
-                prime_npz_cache(ray.get(parsed_ref))
-            result = process_group(int(row["group"]), json.loads(row["keys"]), cfg_dict, out_dir)
+            u = int(row["unit"])
+            try:
+                result = run_unit(u, len(unit_dicts), unit_dicts[u], out_dir, int(row["chunk"]), int(row["chunks"]))
+            except PipelineError as e:  # the driver raises it with this message (no remote traceback)
+                result = {"error": str(e)}
             result["cpu_s"] = time.process_time() - c0  # this task's CPU seconds in its worker
-            return {"group": int(row["group"]), "result": json.dumps(result)}
+            return {"result": json.dumps(result)}
 
-        items = [{"group": i, "keys": json.dumps(g)} for i, g in enumerate(groups)]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(work, num_cpus=1)
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(work, num_cpus=1)
         results = []
-        with _progress(len(groups), cfg.progress, f"preprocess {cfg.source} (ray)") as bar:
+        with _progress(len(items), cfg.progress, f"preprocess {cfg.source} (ray)", unit="task") as bar:
             for row in ds.iter_rows():
-                results.append(json.loads(row["result"]))
+                result = json.loads(row["result"])
+                if "error" in result:
+                    raise PipelineError(result["error"])
+                results.append(result)
                 bar.update(1)
-        timings["process_s"] = time.perf_counter() - t0
-        timings["task_cpu_s"] = sum(r["cpu_s"] for r in results)
-        return sorted(results, key=lambda r: r["group"])
+        timings.update(process_s=time.perf_counter() - t0, task_cpu_s=sum(r["cpu_s"] for r in results),
+                       task_plan_s=sum(r["plan_s"] for r in results), tasks=len(items), cpus=cpus)
+        return results
     finally:
         ctx.op_resource_reservation_enabled = reservation
-        if started:
-            t1 = time.perf_counter()
-            ray.shutdown()
-            timings["ray_stop_s"] = time.perf_counter() - t1
 
 
 # ------------------------------------------------------------------------------------------ manifest
-def _hash_inputs(paths: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted(set(paths)):
-        path = Path(p)
-        out.append({"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
-    return out
-
-
 def build_key(cfg: PreprocessConfig, inputs: list[dict[str, Any]]) -> str:
     payload = {"schema_version": SCHEMA_VERSION, "pipeline_version": PIPELINE_VERSION,
                "config": cfg.content_dict(), "inputs": [{"name": Path(i["path"]).name, "sha256": i["sha256"]}
@@ -339,7 +411,8 @@ def _counts(sequences: list[dict[str, Any]]) -> dict[str, Any]:
             entry[f"windows_by_{dim}"] = dict(sorted(c.items()))
         nested: dict[str, Any] = {}
         for s in seqs:
-            nested.setdefault(s["subject"], {}).setdefault(s["action"], {})[s["camera"]] = s["windows"]
+            cameras = nested.setdefault(s["subject"], {}).setdefault(s["action"], {})
+            cameras[s["camera"]] = cameras.get(s["camera"], 0) + s["windows"]  # several files may hold it
         entry["windows_by_subject_action_camera"] = nested
         counts[split] = entry
     return counts
@@ -477,46 +550,105 @@ def build_shards(
         raise PipelineError("no output folder (--out)")
     t0 = time.perf_counter()
     out_path = Path(cfg.out).resolve()
-    timings: dict[str, float] = {}
     with _build_lock(out_path):
-        return _plan_and_build(cfg, out_path, t0, timings)
+        return _build(cfg, out_path, t0, {})
 
 
-def _plan_and_build(cfg: PreprocessConfig, out_path: Path, t0: float, timings: dict[str, float]) -> dict[str, Any]:
+def _build(cfg: PreprocessConfig, out_path: Path, t0: float, timings: dict[str, float]) -> dict[str, Any]:
+    """List the units and inputs (no parsing), then either confirm `out_path` up to date or build it.
+
+    The inputs are hashed in threads from the start: a rerun waits for their hashes (the up-to-date check needs
+    them), a fresh build only when writing its manifest, so hashing overlaps Ray's start and the processing.
+    """
+    if out_path.exists() and not out_path.is_dir():
+        raise PipelineError(f"{out_path} is a file, not a folder; choose another --out")
+    if out_path.is_symlink():
+        raise PipelineError(f"{out_path} is a symbolic link; give the folder it points to as --out")
+    t1 = time.perf_counter()
+    source = get_source(cfg.source)
+    units = unit_configs(cfg, source)
+    hashes = InputHashes(source.inputs(cfg))
+    if cfg.use_ray:
+        keep_npz_cached([])  # a source that parsed its input to list it (3dhp): the tasks read it themselves
     ray_started = False
     try:
-        inputs_exist = all(Path(p).exists() for p in (cfg.input, cfg.input_2d) if p)
-        if cfg.use_ray and inputs_exist and not (out_path / MANIFEST).is_file():
-            # A fresh build on Ray: start Ray while a thread plans (parses and hashes the input), since
-            # ray.init mostly waits for its processes to come up. (Not for a rerun, which may be a no-op,
-            # nor with a missing input, which fails at once.)
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                planned = pool.submit(_plan, cfg, timings)
+        check_subject_lists(cfg, source)
+        timings["plan_s"] = time.perf_counter() - t1
+        old = None
+        if (out_path / MANIFEST).is_file():
+            old = _read_own_manifest(out_path)
+            inputs = hashes.result(timings)
+            problem = verify_files(out_path, old)
+            if old["build_key"] == build_key(cfg, inputs) and problem is None:
+                log.info("%s is up to date (same inputs and config, shard hashes verified): nothing to do", out_path)
+                return {**old, "up_to_date": True}
+            _check_replaceable(out_path, old)
+            log.info("rebuilding %s: %s", out_path, problem if old["build_key"] == build_key(cfg, inputs)
+                     else _what_changed(old, cfg, inputs))
+        elif out_path.exists() and any(out_path.iterdir()):
+            raise PipelineError(f"{out_path} exists, is not empty and has no {MANIFEST}: not a shard folder; "
+                                "choose another --out or remove it")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out_path)
+        tmp = out_path.parent / f".{out_path.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            if cfg.use_ray:
                 t1 = time.perf_counter()
-                try:
-                    ray_started = init_ray(cfg.num_cpus)
-                finally:
-                    timings["ray_start_s"] = time.perf_counter() - t1
-                plan, warnings, inputs = planned.result()
-        else:
-            plan, warnings, inputs = _plan(cfg, timings)
-        return _build(cfg, out_path, plan, warnings, inputs, t0, timings, stop_ray=ray_started)
+                ray_started = init_ray(cfg.num_cpus)
+                timings["ray_start_s"] = time.perf_counter() - t1
+            timings["ready_s"] = time.perf_counter() - t0  # wall time before processing (listing, Ray's start)
+            results = (run_ray if cfg.use_ray else run_local)(units, cfg, str(tmp), timings)
+            if ray_started:
+                t1 = time.perf_counter()
+                _stop_ray()
+                ray_started = False
+                timings["ray_stop_s"] = time.perf_counter() - t1
+            inputs = hashes.result(timings)
+            manifest = _manifest(cfg, source, len(units), results, inputs, time.perf_counter() - t0, timings)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _swap_into_place(tmp, out_path, old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {**manifest, "up_to_date": False}
     finally:
+        hashes.close()
         if ray_started:
             _stop_ray()  # after an error; a successful build stopped Ray before writing its manifest
 
 
-def _plan(cfg: PreprocessConfig, timings: dict[str, float]) -> tuple[Plan, list[str], list[dict[str, Any]]]:
-    """The source's plan with splits assigned, its warnings (logged) and the hashed inputs (timings: plan_s)."""
-    t0 = time.perf_counter()
-    src = get_source(cfg.source)
-    plan = plan_checked(src, cfg)
-    warnings = list(plan.warnings) + assign_splits(plan, cfg, src)
-    for w in warnings:
-        log.warning(w)
-    inputs = _hash_inputs(plan.inputs)
-    timings["plan_s"] = time.perf_counter() - t0
-    return plan, warnings, inputs
+class InputHashes:
+    """sha256 of the input files, computed in threads from the moment it is created; `result` waits for them.
+
+    hashlib and file reads release the GIL, so the threads run beside the driver's own work."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = sorted(set(paths))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(self.paths), os.cpu_count() or 1, 4)),
+                                        thread_name_prefix="hash-inputs")
+        self._futures = [self._pool.submit(self._hash, p) for p in self.paths]
+
+    @staticmethod
+    def _hash(path: str) -> tuple[dict[str, Any], float]:
+        t0 = time.perf_counter()
+        try:
+            entry = {"path": str(Path(path)), "bytes": Path(path).stat().st_size, "sha256": file_sha256(path)}
+        except OSError as e:
+            raise PipelineError(f"{path}: cannot read this input to hash it ({e.strerror or e})") from None
+        return entry, time.perf_counter() - t0
+
+    def result(self, timings: dict[str, float]) -> list[dict[str, Any]]:
+        """[{path, bytes, sha256}] sorted by path; timings get hash_s (seconds spent hashing, summed over the
+        files) and hash_wait_s (how long the caller waited for them)."""
+        t0 = time.perf_counter()
+        done = [f.result() for f in self._futures]
+        timings["hash_wait_s"] = timings.get("hash_wait_s", 0.0) + time.perf_counter() - t0
+        timings["hash_s"] = sum(s for _, s in done)
+        return [entry for entry, _ in done]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _stop_ray() -> None:
@@ -526,64 +658,25 @@ def _stop_ray() -> None:
         ray.shutdown()
 
 
-def _build(cfg: PreprocessConfig, out_path: Path, plan: Plan, warnings: list[str], inputs: list[dict[str, Any]],
-           t0: float, timings: dict[str, float], stop_ray: bool) -> dict[str, Any]:
-    """The rest of build_shards once planned: the up-to-date check, then process, write and swap into place."""
-    key = build_key(cfg, inputs)
-    old = None
-    if out_path.exists() and not out_path.is_dir():
-        raise PipelineError(f"{out_path} is a file, not a folder; choose another --out")
-    if out_path.is_symlink():
-        raise PipelineError(f"{out_path} is a symbolic link; give the folder it points to as --out")
-    if (out_path / MANIFEST).is_file():
-        old = _read_own_manifest(out_path)
-        problem = verify_files(out_path, old)
-        if old["build_key"] == key and problem is None:
-            log.info("%s is up to date (same inputs and config, shard hashes verified): nothing to do", out_path)
-            return {**old, "up_to_date": True}
-        _check_replaceable(out_path, old)
-        log.info("rebuilding %s: %s", out_path, problem if old["build_key"] == key
-                 else _what_changed(old, cfg, inputs))
-    elif out_path.exists() and any(out_path.iterdir()):
-        raise PipelineError(f"{out_path} exists, is not empty and has no {MANIFEST}: not a shard folder; "
-                            "choose another --out or remove it")
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_path)
-    tmp = out_path.parent / f".{out_path.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        groups = make_groups(plan.keys, cfg)
-        timings["ready_s"] = time.perf_counter() - t0  # wall time before processing (plan, and Ray's start)
-        if cfg.use_ray:
-            results = run_ray(groups, cfg, str(tmp), plan.inputs, timings)
-            if stop_ray:
-                t1 = time.perf_counter()
-                _stop_ray()
-                timings["ray_stop_s"] = time.perf_counter() - t1
-        else:
-            t1, c1 = time.perf_counter(), time.process_time()
-            results = run_local(groups, cfg, str(tmp))
-            timings["process_s"] = time.perf_counter() - t1
-            timings["task_cpu_s"] = time.process_time() - c1
-        manifest = _manifest(cfg, plan, warnings, inputs, key, results, time.perf_counter() - t0, timings)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _swap_into_place(tmp, out_path, old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {**manifest, "up_to_date": False}
-
-
-def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: list[dict[str, Any]], key: str,
-              results: list[dict[str, Any]], seconds: float, timings: dict[str, float]) -> dict[str, Any]:
+def _manifest(cfg: PreprocessConfig, source: Source, n_units: int, unit_results: list[dict[str, Any]],
+              inputs: list[dict[str, Any]], seconds: float, timings: dict[str, float]) -> dict[str, Any]:
+    plans = [r["plan"] for r in sorted(unit_results, key=lambda r: r["unit"]) if r["plan"] is not None]
+    if len(plans) != n_units:
+        raise PipelineError(f"internal error: {len(plans)} of {n_units} input units reported their plan")
+    results = [g for r in sorted(unit_results, key=lambda r: r["unit"])
+               for g in sorted(r["groups"], key=lambda g: g["group"])]
     sequences = [s for r in results for s in r["sequences"]]
-    quarantine = list(plan.quarantine) + [q for r in results for q in r["quarantine"]]
+    skipped = [s for p in plans for s in p["skipped"]]
+    quarantine = [q for p in plans for q in p["quarantine"]] + [q for r in results for q in r["quarantine"]]
+    present = {s for p in plans for s in p["subjects"]}
+    warnings = [w for p in plans for w in p["warnings"]] + missing_subjects(present, cfg, source)
+    for w in warnings:
+        log.warning(w)
     files = {rel: info for r in results for rel, info in r["files"].items()}
-    n_in = len(plan.keys) + len(plan.quarantine) + len(plan.skipped)
-    if n_in != len(sequences) + len(quarantine) + len(plan.skipped):  # the invariant: nothing is lost silently
+    n_in = sum(p["sequences_in"] for p in plans)
+    if n_in != len(sequences) + len(quarantine) + len(skipped):  # the invariant: nothing is lost silently
         raise PipelineError(f"internal error: {n_in} sequences in, {len(sequences)} written + "
-                            f"{len(quarantine)} quarantined + {len(plan.skipped)} skipped")
+                            f"{len(quarantine)} quarantined + {len(skipped)} skipped")
     rows = sum(f["rows"] for f in files.values())
     per_row_bytes = cfg.frames * (17 * (2 + 1 + 3) * 4 + 1)
     reproj: dict[str, list[float]] = defaultdict(list)
@@ -591,13 +684,15 @@ def _manifest(cfg: PreprocessConfig, plan: Plan, warnings: list[str], inputs: li
         if s.get("reprojection_px") is not None:
             reproj[s["camera"]].append(s["reprojection_px"])
     shard_bytes = sum(f["bytes"] for f in files.values())
+    info = dict(plans[0]["info"]) if plans else {}
     return {
-        "schema_version": SCHEMA_VERSION, "pipeline_version": PIPELINE_VERSION, "build_key": key,
-        "source": cfg.source, "synthetic": bool(plan.info.get("synthetic", False)),
+        "schema_version": SCHEMA_VERSION, "pipeline_version": PIPELINE_VERSION,
+        "build_key": build_key(cfg, inputs),
+        "source": cfg.source, "synthetic": bool(info.get("synthetic", False)),
         "frames": cfg.frames, "stride": cfg.stride, "test_stride": cfg.effective_test_stride,
-        "config": cfg.content_dict(), "inputs": inputs, "info": {k: v for k, v in plan.info.items()},
+        "config": cfg.content_dict(), "inputs": inputs, "info": info,
         "sequences_in": n_in, "sequences_written": len(sequences), "sequences_quarantined": len(quarantine),
-        "sequences_skipped": len(plan.skipped), "skipped": plan.skipped,
+        "sequences_skipped": len(skipped), "skipped": skipped,
         "counts": _counts(sequences),
         "bytes": {"total": shard_bytes,
                   **{s: sum(f["bytes"] for r, f in files.items() if r.startswith(s + "/")) for s in SPLITS}},

@@ -18,6 +18,8 @@ SOURCES.register("bvh", "pipelines.sources.bvh:BVHSource")
 SOURCES.register("3dhp", "pipelines.sources.mpi3dhp:MPI3DHPSource")
 SOURCES.register("synthetic", "pipelines.sources.synthetic:SyntheticSource")
 
+# Sources that read several input files (a list, a folder or a glob of them), each planned on its own.
+MULTI_FILE_SOURCES = ("h36m",)
 # Fields that change how a build runs but not what it writes (left out of the idempotency key).
 EXECUTION_FIELDS = ("kind", "out", "strict", "use_ray", "num_cpus", "progress")
 
@@ -28,7 +30,9 @@ class PreprocessConfig:
 
     kind: str = "preprocess"
     source: str = "synthetic"
-    input: str | None = None  # file or folder of the raw data (not needed for synthetic)
+    # File or folder of the raw data (not needed for synthetic). h36m also takes several VideoPose3D files: a list,
+    # a folder (its data_3d_*.npz) or a glob; each file's sequences are distinct sequences.
+    input: str | list[str] | None = None
     input_2d: str | None = None  # h36m: data_2d_h36m_<detector>.npz (else 2D is projected from 3D)
     out: str | None = None
     frames: int = 243  # window length T
@@ -55,6 +59,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         SOURCES.get(self.source)
+        self._check_input()
         for name in ("frames", "stride", "min_frames", "rows_per_shard", "n_cameras", "synthetic_subjects",
                      "synthetic_frames"):
             if getattr(self, name) < 1:
@@ -65,6 +70,20 @@ class PreprocessConfig:
             raise ConfigError(f"noise_px must be >= 0 and dropout in [0, 1), got {self.noise_px}, {self.dropout}")
         if not 0 < self.fps <= MAX_FPS:
             raise ConfigError(f"fps: must be in (0, {MAX_FPS}], got {self.fps}")
+
+    def _check_input(self) -> None:
+        """A list of one file is that file (the same build key as before lists were allowed)."""
+        if not isinstance(self.input, (list, tuple)):
+            return
+        if not self.input or not all(isinstance(p, str) and p for p in self.input):
+            raise ConfigError(f"input: expected a file, a folder, a glob or a list of files, got {self.input!r}")
+        if len(self.input) == 1:
+            self.input = self.input[0]
+            return
+        self.input = list(self.input)
+        if self.source not in MULTI_FILE_SOURCES:
+            raise ConfigError(f"input: source {self.source} reads one file or folder, got a list of "
+                              f"{len(self.input)}; several files work for {', '.join(MULTI_FILE_SOURCES)}")
 
     @property
     def effective_test_stride(self) -> int:

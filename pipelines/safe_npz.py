@@ -159,27 +159,11 @@ def load_npz_cached(path: str | Path) -> dict[str, Any]:
     return _CACHE[key]
 
 
-def cached_npz(paths: list[str]) -> dict[CacheKey, dict[str, Any]]:
-    """The entries of this process's cache for `paths` (those already loaded and unchanged on disk).
-
-    The Ray path ships them to its workers once (`ray.put`) so that no worker parses the file again.
-    """
-    keys = {_cache_key(p) for p in paths if os.path.isfile(p)}
-    return {k: v for k, v in _CACHE.items() if k in keys}
-
-
-def npz_cache_keys() -> list[CacheKey]:
-    """The (path, mtime_ns, size) of the files this process holds parsed."""
-    return list(_CACHE)
-
-
-def prime_npz_cache(entries: dict[CacheKey, dict[str, Any]]) -> None:
-    """Put entries from `cached_npz` (of another process) into this process's cache."""
-    for key, value in entries.items():
-        _CACHE[key] = value
-        _CACHE.move_to_end(key)
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+def keep_npz_cached(paths: list[str]) -> None:
+    """Drop every cached file but `paths` (a worker moving on to another input file frees the last one)."""
+    wanted = {str(p) for p in paths}
+    for key in [k for k in _CACHE if k[0] not in wanted]:
+        del _CACHE[key]
 
 
 def unwrap(value: Any) -> Any:

@@ -273,32 +273,29 @@ def test_3dhp_layout_joint_order_and_valid_frames(tmp_path):
     assert u == pytest.approx(x2[starts[first], MPI3DHP_TO_H36M[0], 0] / 2048 * 2 - 1, abs=1e-5)
 
 
-def test_npz_cache_ships_parsed_files_to_another_process(tmp_path):
-    """What the Ray path sends its workers: the driver's parsed npz, keyed by (path, mtime, size)."""
+def test_npz_cache_keeps_only_what_the_current_unit_reads(tmp_path):
+    """A worker parses each file once, and frees the last file when it moves on to another (bounded memory)."""
     from pipelines import safe_npz
 
-    path = _save_h36m(tmp_path / "one.npz", {"S1": {"Walking": _walk(30)}})
-    other = tmp_path / "other.npz"
-    assert safe_npz.cached_npz([path, str(other)]) == {}  # nothing parsed yet; missing files are skipped
-    data = safe_npz.load_npz_cached(path)
-    shipped = safe_npz.cached_npz([path])
-    assert list(shipped) == [(path, os.stat(path).st_mtime_ns, os.stat(path).st_size)]
-    safe_npz._CACHE.clear()  # "another process": prime from the shipped entries, then no re-read
-    safe_npz.prime_npz_cache(pickle.loads(pickle.dumps(shipped)))
-    assert list(safe_npz.npz_cache_keys()) == list(shipped)
-    again = safe_npz.load_npz_cached(path)
-    assert again is safe_npz._CACHE[next(iter(shipped))]
-    np.testing.assert_array_equal(again["positions_3d"].item()["S1"]["Walking"],
-                                  data["positions_3d"].item()["S1"]["Walking"])
+    safe_npz._CACHE.clear()
+    one = _save_h36m(tmp_path / "one.npz", {"S1": {"Walking": _walk(30)}})
+    two = _save_h36m(tmp_path / "two.npz", {"S1": {"Walking": _walk(20)}})
+    data = safe_npz.load_npz_cached(one)
+    assert safe_npz.load_npz_cached(one) is data  # parsed once
+    safe_npz.load_npz_cached(two)
+    safe_npz.keep_npz_cached([two])
+    assert [k[0] for k in safe_npz._CACHE] == [two]
+    assert safe_npz.load_npz_cached(one) is not data  # parsed again, and equal
+    np.testing.assert_array_equal(safe_npz.load_npz_cached(one)["positions_3d"].item()["S1"]["Walking"], _walk(30))
     for i in range(3):  # the cache holds at most two files
         safe_npz.load_npz_cached(_save_h36m(tmp_path / f"f{i}.npz", {"S1": {"Walking": _walk(20)}}))
-    assert len(safe_npz.npz_cache_keys()) == 2
+    assert len(safe_npz._CACHE) == 2
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not H36M_MINI.is_file(), reason="shared data (../shared) not present")
 def test_ray_path_writes_the_same_shards_as_one_process(tmp_path):
-    """The Ray Data path (input shipped through the object store) and the plain loop write identical files."""
+    """The Ray Data path (each task reads the file itself) and the plain loop write identical files."""
     kw = dict(frames=27, stride=27, input=str(H36M_MINI), num_cpus=2, progress=False)
     local = build_shards("h36m", out=tmp_path / "local", use_ray=False, **kw)
     ray_built = build_shards("h36m", out=tmp_path / "ray", use_ray=True, **kw)

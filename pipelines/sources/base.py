@@ -1,4 +1,9 @@
-"""The source interface: `plan` lists sequences cheaply, `load` reads one (in whichever process runs it)."""
+"""The source interface: `plan` lists sequences cheaply, `load` reads one (in whichever process runs it).
+
+A source that reads several input files (h36m) lists them with `units`: each file is then planned on its own, in
+the task that processes it, so that no process has to parse every input before the work starts. `inputs` names
+the files whose bytes decide the output (the builder hashes them for its idempotency key).
+"""
 
 from __future__ import annotations
 
@@ -70,6 +75,16 @@ class Source:
 
     def plan(self, cfg: PreprocessConfig) -> Plan:
         raise NotImplementedError
+
+    def units(self, cfg: PreprocessConfig) -> list[str] | None:
+        """The input files this source plans one at a time (each with `cfg.input` set to it), found without
+        reading them; None: the whole input is planned at once."""
+        return None
+
+    def inputs(self, cfg: PreprocessConfig) -> list[str]:
+        """The files whose bytes decide the output. By default what `plan` lists; a source that can name them
+        without parsing them overrides this (the builder calls it before any work starts)."""
+        return plan_checked(self, cfg).inputs
 
     def load(self, key: SeqKey, cfg: PreprocessConfig) -> RawSequence:
         raise NotImplementedError

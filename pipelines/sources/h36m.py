@@ -7,11 +7,18 @@
   Detections longer than the 3D are truncated (as VideoPose3D); shorter ones are quarantined. Without it, 2D
   is the 3D projected through each camera (with distortion).
 
+Several 3D files (`--input` a list of files, a folder of `data_3d_*.npz` or a glob): each file's sequences are
+distinct sequences (the manifest names their file); the builder plans and reads each file in the task that
+processes it (`units`). Detections (`--input-2d`) pair with one 3D file only.
+
 One sequence = (subject, action, camera). Default split: train S1 S5 S6 S7 S8, test S9 S11.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,14 +42,65 @@ def _positions(path: str, key: str) -> dict[str, Any]:
     return value
 
 
+FOLDER_PATTERN = "data_3d_*.npz"  # the 3D files of a folder given as --input
+GLOB_CHARS = frozenset("*?[")
+
+
+def input_files(spec: str | list[str] | None) -> list[str]:
+    """The 3D files of `--input`: a file (as given), a folder (its data_3d_*.npz), a glob, or a list of those.
+
+    Sorted by path (a list's order does not change the shards); PipelineError if nothing matches.
+    """
+    if not spec:
+        raise PipelineError("--input is required for h36m (data_3d_h36m.npz, a folder of data_3d_*.npz or a glob)")
+    if isinstance(spec, str):
+        return _expand(spec)
+    return sorted({f for item in spec for f in _expand(item)})
+
+
+def _expand(item: str) -> list[str]:
+    path = Path(item)
+    if path.is_file():
+        return [item]
+    if path.is_dir():
+        files = sorted(str(p) for p in path.glob(FOLDER_PATTERN) if p.is_file())
+        if not files:
+            raise PipelineError(f"{item}: a folder without VideoPose3D 3D files ({FOLDER_PATTERN}); give the files "
+                                "themselves, or a glob such as 'DIR/*.npz'")
+        return files
+    if GLOB_CHARS & set(item):
+        files = sorted(p for p in glob.glob(item) if Path(p).is_file())
+        if not files:
+            raise PipelineError(f"{item}: no file matches this pattern")
+        return files
+    raise PipelineError(f"{item}: no such file or folder")
+
+
 class H36MSource(Source):
     name = "h36m"
     default_test_subjects = ("S9", "S11")
     default_train_subjects = ("S1", "S5", "S6", "S7", "S8")
 
+    def units(self, cfg: PreprocessConfig) -> list[str]:
+        files = input_files(cfg.input)
+        if cfg.input_2d and len(files) > 1:
+            raise PipelineError(f"--input-2d pairs one detections file with one 3D file; --input names {len(files)} "
+                                "3D files: build each with its detections separately")
+        return files
+
+    def inputs(self, cfg: PreprocessConfig) -> list[str]:
+        return self.units(cfg) + ([cfg.input_2d] if cfg.input_2d else [])
+
     def plan(self, cfg: PreprocessConfig) -> Plan:
+        """The sequences of ONE 3D file (`cfg.input`; the builder plans the files of a list one by one)."""
         if not cfg.input:
             raise PipelineError("--input is required for h36m (data_3d_h36m.npz)")
+        if not isinstance(cfg.input, str) or not Path(cfg.input).is_file():
+            files = self.units(cfg)
+            if len(files) > 1:
+                raise PipelineError(f"{cfg.input}: names {len(files)} files; plan them one at a time (the builder "
+                                    "does)")
+            cfg = dataclasses.replace(cfg, input=files[0])
         positions = _positions(cfg.input, "positions_3d")
         plan = Plan(inputs=[cfg.input] + ([cfg.input_2d] if cfg.input_2d else []))
         if cfg.input_2d:
@@ -78,7 +136,7 @@ class H36MSource(Source):
 
     def load(self, key: SeqKey, cfg: PreprocessConfig) -> RawSequence:
         subject, action, cam_id = key["subject"], key["action"], key["camera"]
-        x = _positions(cfg.input, "positions_3d")[subject][action]
+        x = _positions(key["file"], "positions_3d")[subject][action]
         if not isinstance(x, np.ndarray):
             raise BadSequence(f"3D entry is a {type(x).__name__}, not an array")
         if x.ndim == 3 and x.shape[1] == 32:
@@ -99,4 +157,4 @@ class H36MSource(Source):
             if not isinstance(uv, np.ndarray):
                 raise BadSequence(f"2D entry is a {type(uv).__name__}, not an array")
         return RawSequence(source=self.name, subject=subject, action=action, camera=h36m_camera(subject, cam_id),
-                           pose_3d=x, file=cfg.input, world=True, pose_2d_px=uv)
+                           pose_3d=x, file=key["file"], world=True, pose_2d_px=uv)
