@@ -663,8 +663,8 @@ def _manifest(cfg: PreprocessConfig, source: Source, n_units: int, unit_results:
     plans = [r["plan"] for r in sorted(unit_results, key=lambda r: r["unit"]) if r["plan"] is not None]
     if len(plans) != n_units:
         raise PipelineError(f"internal error: {len(plans)} of {n_units} input units reported their plan")
-    results = [g for r in sorted(unit_results, key=lambda r: r["unit"])
-               for g in sorted(r["groups"], key=lambda g: g["group"])]
+    results = [g for _, _, g in sorted(((r["unit"], g["group"], g) for r in unit_results for g in r["groups"]),
+                                       key=lambda t: t[:2])]
     sequences = [s for r in results for s in r["sequences"]]
     skipped = [s for p in plans for s in p["skipped"]]
     quarantine = [q for p in plans for q in p["quarantine"]] + [q for r in results for q in r["quarantine"]]
