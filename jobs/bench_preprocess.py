@@ -2,11 +2,16 @@
 
     h2ot bench-preprocess --json                      # the shared Human3.6M file if present, else synthetic
     h2ot bench-preprocess --source h36m --input ../shared/data/h36m/data_3d_h36m.npz --num-cpus 2 --json
+    h2ot bench-preprocess --address auto --copies 10 --json            # a running cluster, 10 distinct files
+    h2ot bench-preprocess --address HOST:PORT --copies 10 --ray-only --json --workdir DIR   # scaling runs
 
-Both builds run in fresh processes with the same config and writer and must write byte-identical shards
-(pipelines.bench.run_bench); prints windows per second of each, their ratio, the shard size ratio and where the
-time went. The machine's load averages before and after are in the figures: on a shared machine they are not
-a benchmark.
+Both builds are `h2ot preprocess` jobs in fresh processes with the same config and writer and must write
+byte-identical shards (pipelines.bench.run_bench); prints windows per second of each, their ratio, the shard size
+ratio, the peak memory (PSS summed over each job's processes) and where the time went. With --address the Ray
+job runs on that cluster, timed from its start to its end (the cluster's own start is not timed). --copies N
+writes N - 1 rotated copies of the input once into --workdir (default: the system's temporary folder) and builds
+on all N files. The machine's load averages before and after are in the figures: on a shared machine they are
+not a benchmark.
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input", default=None)
     p.add_argument("--frames", type=int, default=243)
     p.add_argument("--stride", type=int, default=81)
-    p.add_argument("--num-cpus", dest="num_cpus", type=int, default=2)
-    p.add_argument("--workdir", default=None, help="where the two temporary builds go (default: system temp)")
+    p.add_argument("--num-cpus", dest="num_cpus", type=int, default=2, help="CPUs of the local Ray (not with "
+                   "--address)")
+    p.add_argument("--address", default=None, help="run the Ray job on this running cluster (HOST:PORT of its "
+                   "GCS, or auto) instead of a local Ray it starts itself")
+    p.add_argument("--copies", type=int, default=1, help="build on N distinct files of the input's size (h36m): "
+                   "the input and N-1 rotated copies, written once into --workdir")
+    p.add_argument("--ray-only", dest="ray_only", action="store_true", help="skip the single-process build")
+    p.add_argument("--workdir", default=None, help="where the copies are kept and the builds go (default: system "
+                   "temp); on a multi-node cluster, a folder every node sees")
     p.add_argument("--json", action="store_true", help="print only the JSON figures")
     return p.parse_args(argv)
 
@@ -46,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if source == "h36m" and inp is None:
         inp = str(DEFAULT_H36M.resolve())
     try:
-        figures = run_bench(source, inp, args.frames, args.stride, args.num_cpus, args.workdir)
+        figures = run_bench(source, inp, args.frames, args.stride, args.num_cpus, args.workdir,
+                            address=args.address, copies=args.copies, ray_only=args.ray_only)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

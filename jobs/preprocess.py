@@ -2,7 +2,9 @@
 
     h2ot preprocess --source h36m --input ../shared/data/h36m/data_3d_h36m.npz --out outputs/h36m_f81 \
         --frames 81 --stride 27
+    h2ot preprocess --source h36m --input data/h36m/data_3d_*.npz --out outputs/h36m_all --frames 243
     h2ot preprocess --source synthetic --out outputs/synthetic_f27 --frames 27
+    RAY_ADDRESS=HOST:PORT h2ot preprocess ...   # on a running cluster (else a local Ray of its own)
     h2ot preprocess --config configs/preprocess_h36m_f81.yaml --set noise_px=5
 """
 
@@ -21,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML of kind `preprocess` (command-line options override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--source", choices=["h36m", "cmu", "bvh", "3dhp", "synthetic"])
-    p.add_argument("--input", help="raw data file or folder")
+    p.add_argument("--input", nargs="+", help="raw data file or folder; h36m: also several files, a folder of "
+                   "data_3d_*.npz or a glob (quoted), each file's sequences distinct")
     p.add_argument("--input-2d", dest="input_2d", help="h36m: data_2d_h36m_<detector>.npz")
     p.add_argument("--out", help="output folder (manifest.json, train/, test/)")
     p.add_argument("--frames", type=int, help="window length T (default 243)")
