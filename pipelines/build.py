@@ -352,6 +352,7 @@ def run_ray(units: list[PreprocessConfig], cfg: PreprocessConfig, out_dir: str,
             except PipelineError as e:  # the driver raises it with this message (no remote traceback)
                 result = {"error": str(e)}
             result["cpu_s"] = time.process_time() - c0  # this task's CPU seconds in its worker
+            result["pid"] = os.getpid()
             return {"result": json.dumps(result)}
 
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(work, num_cpus=1)
@@ -364,7 +365,8 @@ def run_ray(units: list[PreprocessConfig], cfg: PreprocessConfig, out_dir: str,
                 results.append(result)
                 bar.update(1)
         timings.update(process_s=time.perf_counter() - t0, task_cpu_s=sum(r["cpu_s"] for r in results),
-                       task_plan_s=sum(r["plan_s"] for r in results), tasks=len(items), cpus=cpus)
+                       task_plan_s=sum(r["plan_s"] for r in results), tasks=len(items), cpus=cpus,
+                       workers=len({r["pid"] for r in results}))
         return results
     finally:
         ctx.op_resource_reservation_enabled = reservation

@@ -56,7 +56,7 @@ MEMO_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
 MEMO_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 
 
-def check_pickle_expansion(data: bytes, where: str, limit: int = MAX_PICKLE_OBJECTS) -> None:
+def check_pickle_expansion(data: bytes | io.BytesIO, where: str, limit: int = MAX_PICKLE_OBJECTS) -> None:
     """Refuse a pickle whose objects, expanded, would number more than `limit`, before unpickling it.
 
     Memo references let a few hundred bytes build a tuple tree of 2**40 leaves; unpickling it is quick, but hashing
@@ -106,7 +106,9 @@ def check_pickle_expansion(data: bytes, where: str, limit: int = MAX_PICKLE_OBJE
 
 def _restricted_array(stream: io.BytesIO, where: str) -> np.ndarray:
     """An object array's pickle, unpickled by RestrictedUnpickler; it must be the ndarray `np.save` wrote."""
-    check_pickle_expansion(stream.getvalue()[stream.tell():], where)
+    start = stream.tell()
+    check_pickle_expansion(stream, where)  # reads the stream in place (no copy of a 100 MB pickle) ...
+    stream.seek(start)  # ... and the unpickler reads it again from the start
     try:
         obj = RestrictedUnpickler(stream, encoding="latin1").load()
     except UnsafePickle as e:
