@@ -121,6 +121,7 @@ class PssSampler:
         self._psutil = psutil
         self._root, self._raylets, self._since = root, raylets, since
         self.peak_mb = 0.0
+        self.at_peak: dict[str, float] = {}  # "name:pid" -> MB of each process in the peak's sample
         self.sampler_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pss-sampler", daemon=True)
@@ -157,13 +158,15 @@ class PssSampler:
         while not self._stop.is_set():
             if time.monotonic() - listed >= TREE_INTERVAL_S:  # walking /proc for the tree costs more than PSS
                 procs, listed = self._processes(), time.monotonic()
-            total = 0
+            sample = {}
             for proc in procs:
                 try:
-                    total += proc.memory_full_info().pss
+                    sample[f"{proc.name()}:{proc.pid}"] = proc.memory_full_info().pss / 2**20
                 except self._psutil.Error:  # gone, or a zombie: it holds no memory
                     continue
-            self.peak_mb = max(self.peak_mb, total / 2**20)
+            if sum(sample.values()) > self.peak_mb:
+                self.peak_mb = sum(sample.values())
+                self.at_peak = {k: round(v, 1) for k, v in sorted(sample.items(), key=lambda kv: -kv[1])}
             self._stop.wait(PSS_INTERVAL_S)
         self.sampler_cpu_s = time.thread_time() - c0
 
@@ -235,8 +238,9 @@ def run_job(argv: list[str], out: str, address: str | None) -> dict[str, Any]:
     if proc.returncode != 0:
         tail = (stderr or stdout).strip().splitlines()[-5:]
         raise PipelineError(f"`{' '.join(argv[1:4])} ...` failed (exit {proc.returncode}): " + " | ".join(tail))
-    return {"seconds": wall, "cpu_reaped": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "peak_pss_mb": pss.peak_mb, "sampler_cpu_s": pss.sampler_cpu_s, "manifest": load_manifest(out)}
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": wall, "cpu_reaped": cpu, "peak_pss_mb": pss.peak_mb, "pss_at_peak": pss.at_peak,
+            "sampler_cpu_s": pss.sampler_cpu_s, "manifest": load_manifest(out)}
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
@@ -297,6 +301,8 @@ def _figures(runs: dict[str, dict[str, Any]], source: str, inputs: list[str] | N
     })
     for name, run in runs.items():
         figures[f"peak_pss_mb_{name}"] = round(run["peak_pss_mb"], 1)
+    for name, run in runs.items():  # who held it: MB per process in the sample of the peak
+        figures[f"pss_at_peak_mb_{name}"] = run["pss_at_peak"]
     # Where the time goes. Seconds include the interpreter's start and imports; inside build_shards:
     # plan_s (listing the input), hash_s / hash_wait_s (hashing it in threads / waiting for that), ray_start_s /
     # ray_stop_s (starting a local Ray, or connecting to a cluster), process_s (the tasks), task_cpu_s and
