@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 PSS_INTERVAL_S = 0.2
+CONNECT_TIMEOUT_S = 5.0
+JOB_TIMEOUT_S = 3600.0  # a job still running after this is stopped and the benchmark fails
 TREE_INTERVAL_S = 1.0  # how often the sampler looks for new processes of the job
 COPY_VERSION = 1  # bump when write_copies writes other bytes
 COPY_TURN_DEG = 37.0  # copy i is turned by i * this about the vertical axis ...
@@ -184,8 +187,17 @@ def cluster_raylets(address: str) -> list[int]:
 
 
 def resolve_address(address: str) -> str:
-    """`auto` -> the address of the cluster `ray start` left on this machine; anything else unchanged."""
+    """`auto` -> the address of the cluster `ray start` left on this machine; else `address`, once something
+    answers there (a Ray driver pointed at nothing retries for many minutes before it fails)."""
     if address != "auto":
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise PipelineError(f"--address {address}: expected HOST:PORT of the cluster's GCS (or auto)")
+        try:
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise PipelineError(f"--address {address}: nothing answers there ({e.strerror or e}); is the cluster "
+                                "up (`h2ot cluster status`)?") from None
         return address
     from ray._private.services import canonicalize_bootstrap_address
 
@@ -232,7 +244,13 @@ def run_job(argv: list[str], out: str, address: str | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with PssSampler(proc.pid, raylets, since) as pss:
-        stdout, stderr = proc.communicate()
+        try:
+            stdout, stderr = proc.communicate(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise PipelineError(f"`{' '.join(argv[1:4])} ...` ran for more than {JOB_TIMEOUT_S:.0f} s; "
+                                "stopped") from None
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:

@@ -9,6 +9,9 @@ they write byte-identical files; only the scheduling differs:
   groups, about two per CPU; each task parses its file itself (the driver reads no input);
 - `use_ray=False`: a plain loop in this process (fast tests, and the benchmark's baseline).
 
+Shards are `<split>/part-<group>-<k>.parquet` for a single unit (as before several files were read), and
+`<split>/part-<unit>-<group>-<k>.parquet` for several (units numbered in path order).
+
 Idempotent and atomic: the build key hashes the content config, the schema and the inputs' bytes (hashed in
 threads while the build runs); an unchanged key with intact files (their sha256 verified) is a no-op. A build
 writes `.<out>.tmp-<pid>-<id>/`, checks that sequences in = written + quarantined + skipped (subjects in neither

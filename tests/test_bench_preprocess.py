@@ -90,3 +90,17 @@ def test_bench_on_two_copies_compares_both_paths(tmp_path):
         assert key in figures, key
     assert figures["peak_pss_mb_ray"] > figures["peak_pss_mb_numpy"] > 10
     assert figures["timings_ray"]["tasks"] >= 2
+
+
+def test_an_address_where_nothing_answers_is_a_clear_error():
+    import socket
+
+    from pipelines.bench import resolve_address
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PipelineError, match="nothing answers there"):
+        resolve_address(f"127.0.0.1:{port}")
+    with pytest.raises(PipelineError, match="expected HOST:PORT"):
+        resolve_address("no-port")
