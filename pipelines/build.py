@@ -31,6 +31,7 @@ import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -235,6 +236,7 @@ def process_group(group_id: int, keys: list[SeqKey], cfg_dict: dict[str, Any], o
 # the shards after (unit, group), so their files are identical. The Ray path splits a unit's groups into chunks,
 # one task each, so that a file is parsed by as few workers as keep the CPUs busy.
 CHUNKS_PER_CPU = 2  # tasks per CPU the Ray path aims at: few enough that a worker rarely parses a file twice
+ALIKE = 1.25  # units whose sizes differ by less than this factor take about as long each
 
 
 def unit_configs(cfg: PreprocessConfig, source: Source) -> list[PreprocessConfig]:
@@ -312,7 +314,12 @@ def init_ray(num_cpus: int | None = None) -> bool:
 
 
 def chunk_counts(weights: list[float], cpus: int) -> list[int]:
-    """Tasks per unit: about CHUNKS_PER_CPU * cpus in all, shared by weight (bytes), at least one per unit."""
+    """Tasks per unit. Units of about one size: the fewest chunks each that fill every round of the CPUs (10
+    files on 2 CPUs: one task per file, each parsed once; 3 files: two each). Else about CHUNKS_PER_CPU * cpus
+    tasks in all, shared by weight (bytes), at least one per unit."""
+    cpus = max(1, cpus)
+    if weights and max(weights) <= ALIKE * min(weights):
+        return [cpus // math.gcd(len(weights), cpus)] * len(weights)
     total = sum(weights) or 1.0
     target = CHUNKS_PER_CPU * max(1, cpus)
     return [max(1, round(target * w / total)) for w in weights]

@@ -134,8 +134,10 @@ def test_detections_pair_with_one_file_and_lists_are_for_h36m(tmp_path, two_file
 
 def test_chunks_share_the_cpus_by_file_size():
     assert chunk_counts([100.0] * 10, cpus=2) == [1] * 10  # a file per task: each parsed once
-    assert chunk_counts([100.0], cpus=2) == [4]  # one file: enough tasks for both CPUs
-    assert chunk_counts([300.0, 100.0], cpus=2) == [3, 1]
+    assert chunk_counts([100.0, 110.0], cpus=2) == [1, 1]  # alike: one round, no file split
+    assert chunk_counts([100.0] * 3, cpus=2) == [2, 2, 2]  # 3 rounds of half files, not 2 of whole ones
+    assert chunk_counts([100.0], cpus=2) == [2] and chunk_counts([100.0] * 10, cpus=1) == [1] * 10
+    assert chunk_counts([300.0, 100.0], cpus=2) == [3, 1]  # unlike: shared by size
     assert shard_prefix(0, 1) == "part" and shard_prefix(7, 12) == "part-007"
 
 
