@@ -10,8 +10,9 @@ byte-identical shards (pipelines.bench.run_bench); prints windows per second of 
 ratio, the peak memory (PSS summed over each job's processes) and where the time went. With --address the Ray
 job runs on that cluster, timed from its start to its end (the cluster's own start is not timed). --copies N
 writes N - 1 rotated copies of the input once into --workdir (default: the system's temporary folder) and builds
-on all N files. The machine's load averages before and after are in the figures: on a shared machine they are
-not a benchmark.
+on all N files. The jobs inherit this environment: for a cluster with token auth set RAY_AUTH_MODE=token (and
+RAY_AUTH_TOKEN_PATH where the token is not in ~/.ray), as `h2ot cluster` prints. The machine's load averages
+before and after are in the figures: on a shared machine they are not a benchmark.
 """
 
 from __future__ import annotations
