@@ -2,7 +2,8 @@
 
     h2ot bench --json [--small] [--model mixste|dstformer] [--preset P | --config configs/X.yaml | --checkpoint M.pt]
                [--runtime eager,compile,onnx] [--precision fp32,bf16,int8] [--batch N] [--data SHARDS]
-    h2ot bench --stream --checkpoint (M.pt|M.onnx) [--fps 50] [--hop N]     (live keypoints: jobs/stream.py)
+    h2ot bench --stream --checkpoint (M.pt|M.onnx) [--fps 50] [--hop N] [--no-flip]   (live keypoints: jobs/stream.py)
+    h2ot bench --preset mixste --reference-code DIR   (beside the official MixSTE / HoT code: jobs/bench_reference.py)
 
 Models: a preset gives full vs the HoT point vs its H2OT schedule; `--config` a shipped config (full = the same
 model without its schedule); `--checkpoint` a trained model with its weights (full = its config without schedule,

@@ -60,9 +60,8 @@ def _checkout(root: Path, imports: str = "") -> Path:
     (root / "common").mkdir(parents=True)
     (root / "model" / "mixste").mkdir(parents=True)
     (root / "common" / "arguments.py").write_text(textwrap.dedent(ARGUMENTS))
-    (root / "model" / "mixste" / "mixste.py").write_text(textwrap.dedent(MODEL.format(imports=imports, keep="args.frames")))
-    (root / "model" / "mixste" / "hot_mixste.py").write_text(
-        textwrap.dedent(MODEL.format(imports=imports, keep="args.token_num")))
+    for name, keep in (("mixste.py", "args.frames"), ("hot_mixste.py", "args.token_num")):
+        (root / "model" / "mixste" / name).write_text(textwrap.dedent(MODEL.format(imports=imports, keep=keep)))
     return root
 
 
