@@ -137,9 +137,9 @@ class Streamer:
     def warm_up(self, timed: int = 0) -> float:
         """One forward on a still pose, so that the first frames do not pay for lazy set-up (allocations,
         kernels chosen on first use); then `timed` more, whose slowest time it returns (0.0 if none)."""
-        x = torch.zeros(1, self.cfg.frames, self.cfg.joints, self.cfg.in_channels)
         slowest = 0.0
-        with torch.inference_mode():
+        with torch.inference_mode():  # the input made inside, as _forward makes it: torch.compile guards on that
+            x = torch.zeros(1, self.cfg.frames, self.cfg.joints, self.cfg.in_channels)
             for i in range(1 + timed):
                 began = time.perf_counter()
                 predict(self.model, x, test_flip=self.test_flip)
