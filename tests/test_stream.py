@@ -101,7 +101,7 @@ def _lines(kp2: np.ndarray) -> list[str]:
 def _run(monkeypatch, capsys, checkpoint, text: str, *extra: str) -> tuple[int, list[dict], str]:
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
     code = main(["--checkpoint", str(checkpoint), "--layout", "h36m17", "--width", str(WIDTH), "--height",
-                 str(HEIGHT), "--hop", "5", "--no-flip", *extra])
+                 str(HEIGHT), "--hop", "5", "--fps", "5", "--no-flip", *extra])  # a hop of 1 s: no slowness warning
     captured = capsys.readouterr()
     return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
 
