@@ -304,7 +304,7 @@ def make_streamer(checkpoint: str, runtime: str | None, width: int, height: int,
     budget = streamer.hop / fps
     if streamer.forward_estimate_s > budget:
         log.warning("one forward took %.2f s, more than a hop's %.2f s at %g frames/s: the stream will fall behind "
-                    "(try --no-flip, an exported .onnx model, or a larger --hop)",
+                    "(try --no-flip, --runtime compile, an exported .onnx model, or a larger --hop)",
                     streamer.forward_estimate_s, budget, fps)
     return streamer
 
