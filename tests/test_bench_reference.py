@@ -65,10 +65,10 @@ def _checkout(root: Path, imports: str = "") -> Path:
     return root
 
 
-def _bench(capsys, *argv: str) -> tuple[int, str, str]:
+def _bench(capsys, *argv: str, preset: str = "mixste_tiny") -> tuple[int, str, str]:
     from jobs.bench import main
 
-    code = main(["--preset", "mixste_tiny", "--repeats", "2", "--threads", "1", "--json", *argv])
+    code = main(["--preset", preset, "--repeats", "2", "--threads", "1", "--json", *argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -87,6 +87,15 @@ def test_reference_models_are_timed_beside_ours_with_their_defaults(capsys, tmp_
     assert "full_vs_official_hot" not in result, "the full model is compared with the full official model only"
     assert result["best_h2ot"]["entry"] == "h2ot" and result["best_h2ot"]["vs_official_mixste"] > 0
     assert "official_mixste_throughput_ratio" not in result, "pruned/full ratios stay among our own models"
+
+
+def test_a_model_of_ours_with_confidences_gives_theirs_the_same_windows_without(capsys, tmp_path) -> None:
+    # dstformer_small: 81 frames of (x, y, confidence); the stand-in embeds (x, y) only, as theirs do
+    code, out, err = _bench(capsys, "--reference-code", str(_checkout(tmp_path / "HoT")), preset="dstformer_small")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["reference_args"]["frames"] == 81 and result["reference_args"]["token_num"] == 27
+    assert result["h2ot_vs_official_hot"] > 0
 
 
 def test_a_missing_package_of_theirs_is_one_line_naming_it(capsys, monkeypatch, tmp_path) -> None:
