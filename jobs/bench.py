@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.checkpoint:
             raise UserError("--stream needs --checkpoint (a .pt or .onnx model)")
+        if args.reference_code:
+            raise UserError("--reference-code times forward passes beside ours; it does not apply to --stream")
         result = bench_stream(args.checkpoint, args.fps, args.hop, args.frames, args.stream_runtime, args.threads,
                               test_flip=not args.no_flip)
     else:
