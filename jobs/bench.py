@@ -2,7 +2,8 @@
 
     h2ot bench --json [--small] [--model mixste|dstformer] [--preset P | --config configs/X.yaml | --checkpoint M.pt]
                [--runtime eager,compile,onnx] [--precision fp32,bf16,int8] [--batch N] [--data SHARDS]
-    h2ot bench --stream --checkpoint (M.pt|M.onnx) [--fps 50] [--hop N]     (live keypoints: jobs/stream.py)
+    h2ot bench --stream --checkpoint (M.pt|M.onnx) [--fps 50] [--hop N] [--no-flip]   (live keypoints: jobs/stream.py)
+    h2ot bench --preset mixste --reference-code DIR   (beside the official MixSTE / HoT code: jobs/bench_reference.py)
 
 Models: a preset gives full vs the HoT point vs its H2OT schedule; `--config` a shipped config (full = the same
 model without its schedule); `--checkpoint` a trained model with its weights (full = its config without schedule,
@@ -203,7 +204,8 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
     from h2ot.flops import model_gflops
 
     args = args or argparse.Namespace(checkpoint=None, config=None, preset=preset, model="mixste", small=False,
-                                      runtime="eager", precision="fp32", data=None, windows=DEFAULT_ACCURACY_WINDOWS)
+                                      runtime="eager", precision="fp32", data=None, windows=DEFAULT_ACCURACY_WINDOWS,
+                                      reference_code=None)
     if threads:
         torch.set_num_threads(threads)
     label, cfgs, models = _models(args)
@@ -219,6 +221,12 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
         entries, skipped = _entries(cfgs, models, runtimes, precisions, threads, Path(workdir))
         if not entries:
             raise UserError(f"no runtime runs the precisions {precisions}: bf16 runs in eager/compile, int8 in onnx")
+        reference = {}
+        if getattr(args, "reference_code", None):
+            from jobs.bench_reference import reference_entries
+
+            official, reference = reference_entries(args.reference_code, cfgs["full"], runtimes, device)
+            entries += official
         full = cfgs["full"]
         x = torch.randn(batch, full.frames, full.joints, full.in_channels,
                         generator=torch.Generator().manual_seed(0)).to(device)
@@ -239,6 +247,11 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
     for entry in entries:
         out[f"{entry.key}_clips_per_s"] = round(batch / seconds[entry.key], 4)
     out.update(_throughput_ratios(entries, seconds))
+    if reference:
+        from jobs.bench_reference import reference_ratios
+
+        out.update(reference)
+        out.update(reference_ratios(entries, seconds))
     if accuracy:
         out["mpjpe_mm"] = accuracy
     if skipped:
@@ -261,7 +274,7 @@ def _flops_ratios(name: str, flops: dict) -> dict:
 def _throughput_ratios(entries: list[Entry], seconds: dict[str, float]) -> dict:
     """pruned / full in each runtime and precision; each runtime and precision / eager fp32 of the same model."""
     out = {}
-    by = {(e.variant, e.runtime, e.precision): e.key for e in entries}
+    by = {(e.variant, e.runtime, e.precision): e.key for e in entries if not e.variant.startswith("official_")}
     for (variant, runtime, precision), key in by.items():
         suffix = "" if (runtime, precision) == ("eager", "fp32") else f"_{runtime}_{precision}"
         if variant != "full" and ("full", runtime, precision) in by:
@@ -283,6 +296,8 @@ def _accuracy(entries: list[Entry], cfgs: dict, args: argparse.Namespace) -> dic
     data = load_windows(args.data, "test", args.windows)
     out = {}
     for entry in entries:
+        if entry.variant not in cfgs:
+            continue  # the official models (--reference-code): untrained, speed only
         cfg = cfgs[entry.variant]
         check_frames(data["pose_2d"].shape[1], cfg.frames, f"--data {args.data}")
         acc, _ = evaluate(entry.model, data, cfg.in_channels, test_flip=False)
@@ -318,12 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device of eager/compile runs: cpu, cuda, cuda:N")
     parser.add_argument("--batch", type=int, default=1, help="clips per forward (default 1: one video, online)")
+    parser.add_argument("--reference-code", default=None, metavar="DIR",
+                        help="a checkout of the official HoT repository: time its MixSTE and HoT-MixSTE beside "
+                             "ours and print ours/official (jobs/bench_reference.py)")
     stream = parser.add_argument_group("--stream: a recorded sequence fed frame by frame at --fps")
     stream.add_argument("--stream", action="store_true", help="benchmark h2ot stream (needs --checkpoint)")
     stream.add_argument("--fps", type=float, default=50.0, help="arrival rate of the frames (default 50)")
     stream.add_argument("--hop", type=int, default=None, help="frames between forwards (default: jobs/stream.py)")
     stream.add_argument("--frames", type=int, default=500, help="length of the fed sequence (default 500)")
     stream.add_argument("--stream-runtime", default=None, choices=RUNTIMES, help="runtime of the streamed model")
+    stream.add_argument("--no-flip", action="store_true", help="no test-time flip (h2ot stream --no-flip)")
     return parser
 
 
@@ -338,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.checkpoint:
             raise UserError("--stream needs --checkpoint (a .pt or .onnx model)")
-        result = bench_stream(args.checkpoint, args.fps, args.hop, args.frames, args.stream_runtime, args.threads)
+        if args.reference_code:
+            raise UserError("--reference-code times forward passes beside ours; it does not apply to --stream")
+        result = bench_stream(args.checkpoint, args.fps, args.hop, args.frames, args.stream_runtime, args.threads,
+                              test_flip=not args.no_flip)
     else:
         if args.checkpoint and args.checkpoint.endswith(".onnx"):
             raise UserError("--checkpoint: give the .pt model (bench exports it itself for --runtime onnx)")

@@ -1,6 +1,6 @@
 """`h2ot stream`: 2D keypoints, one frame per line on stdin -> one 3D pose per frame on stdout, live.
 
-    detector ... | h2ot stream --checkpoint model.onnx --layout coco17 --width 1920 --height 1080 [--hop N]
+    detector ... | h2ot stream --checkpoint model.onnx --layout coco17 --width 1920 --height 1080 [--fps 50] [--hop N]
 
 Input: JSON lines, one frame each, in any per-frame form `h2ot infer` reads (docs/INFER.md: a list of 17 [x, y] or
 [x, y, score]; an object with `keypoints` (+ `keypoint_scores`); an MMPose frame with `instances`); `null` is a
@@ -14,6 +14,10 @@ of the T frames ending there, where the block sits in the middle (L frames of fu
 the first frame the window is padded by repeating frame 0, as `h2ot infer` pads a sequence. So frame k waits
 for at most L + H - 1 later frames, plus one forward pass: the fixed delay. End of input flushes the tail: the
 last frame is repeated as future context. A seq2frame model answers one frame a forward (H = 1).
+
+Hop (default): a quarter window, or more when this machine's forward pass is too slow for that: one forward is
+timed at start-up and H is raised to the smallest hop whose time budget H / fps holds the forward with a margin
+(HOP_MARGIN), at most T. `--hop N` fixes it (the poses depend on H: give it for reproducible output).
 
 A line that cannot be read (not JSON, wrong joint count, ...) gets one message on stderr with its line number, and
 its frame is filled from its neighbours (as `h2ot infer` fills gaps: linear between the nearest good frames in the
@@ -45,9 +49,20 @@ SCORE_ABSENT = 1.0  # the score of a keypoint given without one (as h2ot.keypoin
 ROUND_DIGITS = 5  # 10 micrometres
 
 
+DEFAULT_FPS = 50.0  # Human3.6M's frame rate
+HOP_MARGIN = 1.25  # a hop's time budget must hold this many forward passes (jitter, the window's own work)
+
+
 def default_hop(frames: int) -> int:
     """A quarter window: at paper size (243) a forward every 60 frames."""
     return max(1, frames // 4)
+
+
+def hop_for(frames: int, forward_s: float, fps: float) -> int:
+    """The default hop: a quarter window, or the smallest hop that keeps up with `fps` when one forward takes
+    `forward_s` (H / fps >= HOP_MARGIN x forward_s), at most the window."""
+    keeps_up = int(np.ceil(HOP_MARGIN * forward_s * fps - 1e-9))
+    return min(frames, max(default_hop(frames), keeps_up))
 
 
 def lookahead(frames: int, hop: int) -> int:
@@ -103,6 +118,7 @@ class Streamer:
     height: int
     hop: int
     test_flip: bool = True
+    forward_estimate_s: float = 0.0  # one forward timed at start-up (make_streamer)
     frames_seen: int = 0
     _pixels: list[np.ndarray | None] = field(default_factory=list)  # keypoints of frames _offset, _offset + 1, ...
     _offset: int = 0
@@ -118,12 +134,22 @@ class Streamer:
         self.lookahead = lookahead(t, self.hop)
         self._last_good = np.full((self.cfg.joints, 3), np.nan)  # each joint's last known keypoint
 
-    def warm_up(self) -> None:
+    def warm_up(self, timed: int = 0) -> float:
         """One forward on a still pose, so that the first frames do not pay for lazy set-up (allocations,
-        kernels chosen on first use)."""
-        x = torch.zeros(1, self.cfg.frames, self.cfg.joints, self.cfg.in_channels)
-        with torch.inference_mode():
-            predict(self.model, x, test_flip=self.test_flip)
+        kernels chosen on first use); then `timed` more, whose slowest time it returns (0.0 if none)."""
+        slowest = 0.0
+        with torch.inference_mode():  # the input made inside, as _forward makes it: torch.compile guards on that
+            x = torch.zeros(1, self.cfg.frames, self.cfg.joints, self.cfg.in_channels)
+            for i in range(1 + timed):
+                began = time.perf_counter()
+                predict(self.model, x, test_flip=self.test_flip)
+                if i:
+                    slowest = max(slowest, time.perf_counter() - began)
+        return slowest
+
+    def set_hop(self, hop: int) -> None:
+        self.hop = 1 if self.cfg.seq2frame else hop
+        self.lookahead = lookahead(self.cfg.frames, self.hop)
 
     @property
     def delay_frames(self) -> int:
@@ -245,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=LAYOUTS, default="coco17", help="joint order of the input (default coco17)")
     p.add_argument("--width", type=int, required=True, help="image width in pixels")
     p.add_argument("--height", type=int, required=True, help="image height in pixels")
-    p.add_argument("--hop", type=int, default=None, help="frames between forward passes (default: a quarter window)")
+    p.add_argument("--hop", type=int, default=None,
+                   help="frames between forward passes (default: a quarter window, more if a forward is too slow "
+                        "for --fps)")
+    p.add_argument("--fps", type=float, default=DEFAULT_FPS,
+                   help="frame rate of the input (default %(default)g): sets the default hop")
     p.add_argument("--runtime", choices=("eager", "compile", "onnx"), default=None,
                    help="default: onnx for .onnx, eager for .pt")
     p.add_argument("--no-flip", action="store_true", help="no test-time flip averaging (half the work)")
@@ -256,17 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_streamer(checkpoint: str, runtime: str | None, width: int, height: int, hop: int | None,
-                  test_flip: bool, threads: int | None = None) -> Streamer:
+                  test_flip: bool, threads: int | None = None, fps: float = DEFAULT_FPS) -> Streamer:
+    """A warmed-up Streamer; hop None: the default of the module docstring, from one forward timed here."""
     from jobs.infer import load_model_for
 
     if width <= 0 or height <= 0:
         raise UserError(f"--width and --height must be positive pixels, got {width}x{height}")
+    if fps <= 0:
+        raise UserError(f"--fps must be positive, got {fps}")
     if threads:
         torch.set_num_threads(threads)
     model, cfg = load_model_for(checkpoint, runtime)
-    hop = default_hop(cfg.frames) if hop is None else hop
-    streamer = Streamer(model, cfg, width, height, hop, test_flip)
-    streamer.warm_up()
+    streamer = Streamer(model, cfg, width, height, default_hop(cfg.frames) if hop is None else hop, test_flip)
+    streamer.forward_estimate_s = streamer.warm_up(timed=1)
+    if hop is None and not cfg.seq2frame:
+        streamer.set_hop(hop_for(cfg.frames, streamer.forward_estimate_s, fps))
+    budget = streamer.hop / fps
+    if streamer.forward_estimate_s > budget:
+        log.warning("one forward took %.2f s, more than a hop's %.2f s at %g frames/s: the stream will fall behind "
+                    "(try --no-flip, --runtime compile, an exported .onnx model, or a larger --hop)",
+                    streamer.forward_estimate_s, budget, fps)
     return streamer
 
 
@@ -276,10 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     streamer = make_streamer(args.checkpoint, args.runtime, args.width, args.height, args.hop, not args.no_flip,
-                             args.threads)
+                             args.threads, args.fps)
     print(f"stream: window {streamer.cfg.frames} frames, hop {streamer.hop}, lookahead {streamer.lookahead}: "
-          f"a frame is answered at most {streamer.delay_frames} frames after it arrives, plus one forward pass",
-          file=sys.stderr)
+          f"a frame is answered at most {streamer.delay_frames} frames after it arrives, plus one forward pass "
+          f"({streamer.delay_frames / args.fps + streamer.forward_estimate_s:.2f} s at {args.fps:g} frames/s, "
+          f"forward {streamer.forward_estimate_s:.2f} s)", file=sys.stderr)
 
     def write(line: str) -> None:
         sys.stdout.write(line + "\n")
@@ -295,38 +335,64 @@ def main(argv: list[str] | None = None) -> int:
 
 # --------------------------------------------------------------------------------------------- h2ot bench --stream
 def bench_stream(checkpoint: str, fps: float, hop: int | None, frames: int, runtime: str | None = None,
-                 threads: int | None = None, test_flip: bool = False) -> dict:
-    """Feed a generated walking-like sequence at `fps` frames/s in real time; measure each frame's latency from its
-    arrival to its pose, and the sustained rate. One thread: a forward that takes longer than a hop delays the
-    frames behind it, which shows as rising latency and a sustained rate below `fps`."""
+                 threads: int | None = None, test_flip: bool = True) -> dict:
+    """Feed a generated walking-like sequence at `fps` frames/s in real time, with `h2ot stream`'s defaults (hop
+    chosen as it chooses it, flip on unless test_flip=False); measure each frame's latency from its arrival to its
+    pose, and the rate at which poses come out.
+
+    One thread: a forward that takes longer than a hop delays the frames behind it, which shows as rising
+    latency and a sustained rate below `fps`. The sustained rate is that of the steady state: the frames answered
+    between the first and the last forward triggered while frames were still arriving, over the time between
+    those two answers (the start-up wait and the flush at the end are the stated delay, not a rate)."""
     if fps <= 0 or frames < 1:
         raise UserError(f"--fps must be positive and --frames >= 1, got {fps} and {frames}")
     width, height = 1000, 1000
-    streamer = make_streamer(checkpoint, runtime, width, height, hop, test_flip, threads)
+    streamer = make_streamer(checkpoint, runtime, width, height, hop, test_flip, threads, fps)
     sequence = _recorded_sequence(frames, width, height)
     arrival, answered = np.zeros(frames), np.zeros(frames)
+    blocks: list[tuple[int, float]] = []  # (frames answered so far, time) after each forward during the stream
     start = time.perf_counter()
     for k in range(frames):
         arrival[k] = start + k / fps
         wait = arrival[k] - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        for e in streamer.push(sequence[k]):
+        emitted = streamer.push(sequence[k])
+        for e in emitted:
             answered[e.frame] = time.perf_counter()
+        if emitted:
+            blocks.append((emitted[-1].frame + 1, answered[emitted[-1].frame]))
     for e in streamer.finish():
         answered[e.frame] = time.perf_counter()
     steady = slice(0, max(1, frames - streamer.delay_frames))  # the flushed tail is answered early
     latency = (answered - arrival)[steady]
+    quarter = max(1, len(latency) // 4)
+    stated = streamer.delay_frames / fps
     return {
         "checkpoint": checkpoint, "frames": frames, "fps_offered": fps, "window": streamer.cfg.frames,
-        "hop": streamer.hop, "lookahead": streamer.lookahead, "stated_delay_frames": streamer.delay_frames,
-        "stated_delay_s": round(streamer.delay_frames / fps, 3),
-        "sustained_fps": round(frames / (answered.max() - start), 2),
+        "hop": streamer.hop, "lookahead": streamer.lookahead, "test_flip": test_flip,
+        "stated_delay_frames": streamer.delay_frames, "stated_delay_s": round(stated, 3),
+        "stated_delay_plus_forward_s": round(stated + statistics.median(streamer.forward_seconds), 3),
+        "sustained_fps": _steady_rate(blocks),
+        "end_to_end_s": round(answered.max() - start, 3),
         "latency_p50_s": round(float(np.percentile(latency, 50)), 4),
         "latency_p99_s": round(float(np.percentile(latency, 99)), 4),
+        "latency_max_s": round(float(latency.max()), 4),
+        # rising latency = falling behind: the median of the last quarter of the steady frames minus the first's
+        "latency_drift_s": round(float(np.median(latency[-quarter:]) - np.median(latency[:quarter])), 4),
         "forward_median_s": round(statistics.median(streamer.forward_seconds), 4),
-        "forwards": len(streamer.forward_seconds), "test_flip": test_flip,
+        "forward_startup_s": round(streamer.forward_estimate_s, 4),
+        "forwards": len(streamer.forward_seconds),
     }
+
+
+def _steady_rate(blocks: list[tuple[int, float]]) -> float | None:
+    """Frames/s between the first and the last answer during the stream (None with fewer than two answers: feed
+    more --frames)."""
+    if len(blocks) < 2 or blocks[-1][1] <= blocks[0][1]:
+        return None
+    (first_done, first_time), (last_done, last_time) = blocks[0], blocks[-1]
+    return round((last_done - first_done) / (last_time - first_time), 2)
 
 
 def _recorded_sequence(frames: int, width: int, height: int) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ from h2ot.config import config_from_dict
 from h2ot.inference import infer_sequence
 from h2ot.keypoints import model_input
 from h2ot.models import build_model
-from jobs.stream import Streamer, lookahead, main, parse_frame
+from jobs.stream import HOP_MARGIN, Streamer, _steady_rate, hop_for, lookahead, main, parse_frame
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_infer import HEIGHT, WIDTH, _keypoints  # noqa: E402
@@ -101,7 +101,7 @@ def _lines(kp2: np.ndarray) -> list[str]:
 def _run(monkeypatch, capsys, checkpoint, text: str, *extra: str) -> tuple[int, list[dict], str]:
     monkeypatch.setattr(sys, "stdin", io.StringIO(text))
     code = main(["--checkpoint", str(checkpoint), "--layout", "h36m17", "--width", str(WIDTH), "--height",
-                 str(HEIGHT), "--hop", "5", "--no-flip", *extra])
+                 str(HEIGHT), "--hop", "5", "--fps", "5", "--no-flip", *extra])  # a hop of 1 s: no slowness warning
     captured = capsys.readouterr()
     return code, [json.loads(line) for line in captured.out.splitlines()], captured.err
 
@@ -172,7 +172,35 @@ def test_stream_runs_an_exported_model(monkeypatch, capsys, checkpoint, tmp_path
 def test_bench_stream_reports_rate_latency_and_delay(checkpoint) -> None:
     from jobs.stream import bench_stream
 
-    result = bench_stream(str(checkpoint), fps=200.0, hop=9, frames=60)
+    result = bench_stream(str(checkpoint), fps=200.0, hop=9, frames=60, test_flip=False)
     assert result["stated_delay_frames"] == lookahead(FRAMES, 9) + 9 - 1
+    assert result["stated_delay_s"] == round(result["stated_delay_frames"] / 200.0, 3)
+    assert result["stated_delay_plus_forward_s"] >= result["stated_delay_s"]
     assert result["sustained_fps"] > 0 and 0 <= result["latency_p50_s"] <= result["latency_p99_s"]
-    assert result["forwards"] >= 60 // 9
+    assert result["forwards"] >= 60 // 9 and result["test_flip"] is False
+
+
+def test_the_steady_rate_leaves_out_the_start_up_wait_and_the_flush() -> None:
+    # blocks of 10 frames answered every 0.2 s from t = 3 s on (after a 3 s start-up wait): 50 frames/s
+    blocks = [(10 * (m + 1), 3.0 + 0.2 * m) for m in range(5)]
+    assert _steady_rate(blocks) == 50.0
+    assert _steady_rate(blocks[:1]) is None, "one answer is no rate"
+
+
+def test_the_default_hop_is_a_quarter_window_unless_a_forward_is_too_slow() -> None:
+    assert hop_for(243, forward_s=0.5, fps=50.0) == 60  # 60 frames = 1.2 s >= 1.25 x 0.5 s
+    slow = hop_for(243, forward_s=1.5, fps=50.0)
+    assert slow / 50.0 >= HOP_MARGIN * 1.5 > (slow - 1) / 50.0, "the smallest hop that keeps up"
+    assert hop_for(243, forward_s=10.0, fps=50.0) == 243, "never more than the window"
+    assert hop_for(27, forward_s=0.001, fps=50.0) == 6
+
+
+def test_a_slow_forward_raises_the_default_hop_and_says_so(monkeypatch, capsys, checkpoint) -> None:
+    monkeypatch.setattr(Streamer, "warm_up", lambda self, timed=0: 0.2)  # as if one forward took 0.2 s
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(_lines(_keypoints(20))) + "\n"))
+    code = main(["--checkpoint", str(checkpoint), "--layout", "h36m17", "--width", str(WIDTH), "--height",
+                 str(HEIGHT), "--fps", "50", "--no-flip"])
+    captured = capsys.readouterr()
+    hop = hop_for(FRAMES, 0.2, 50.0)  # 13 frames: 0.26 s >= 1.25 x 0.2 s
+    assert code == 0 and hop == 13 and f"hop {hop}," in captured.err
+    assert [json.loads(line)["frame"] for line in captured.out.splitlines()] == list(range(20))
