@@ -12,8 +12,8 @@ when --runtime lists compile; their DPC-kNN calls `torch.cdist`, which has no ON
 for them. Ratios are ours / theirs in clips/s: `<our entry>_vs_official_mixste` for every entry of ours,
 `<our pruned entry>_vs_official_hot` for the pruned ones, and `best_<variant>`: the runtime and precision of ours
 that is fastest, with its ratios.
-Their code needs `einops` and `timm` (`pip install 'h2ot-ray[reference]'`; timm needs a torchvision built for
-the installed torch).
+Their code needs `einops` (`pip install 'h2ot-ray[reference]'`) and `timm` (install it yourself, with the
+torchvision built for the installed torch: pip may otherwise replace torch).
 """
 
 from __future__ import annotations
