@@ -49,7 +49,8 @@ class TokenRecovery(nn.Module):
 
     @classmethod
     def attention_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
-        """MACs of the strategy's attention products (QK^T and AV) per token of a frame."""
+        """MACs of the strategy's other matrix products per token of a frame (attention's QK^T and AV; the linear
+        TRM's interpolation product): those torch's FlopCounterMode counts beside the Linear layers."""
         return 0
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
@@ -142,6 +143,11 @@ class LinearRecovery(TokenRecovery):
 
     def __init__(self, cfg: ModelConfig, dim: int):
         super().__init__()
+
+    @classmethod
+    def attention_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
+        """The interpolation product: [T, n] weights times the n kept tokens of C channels."""
+        return frames * kept * cfg.dim
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
         b, n, j, c = x_kept.shape
