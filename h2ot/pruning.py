@@ -7,9 +7,10 @@ Registry: TPM_REGISTRY["dpc_knn" | "uniform" | "motion" | "attention" | "random"
 Each strategy also states the FLOPs of its scoring (`scoring_flops`), for h2ot.flops.
 
 Everything here exports to one ONNX graph (h2ot.export) except `random`, which says so (`exportable = False`):
-the selection is a rank count instead of a stable sort, and the distances are one explicit formula, so eager and
-exported models keep the same frames. Scoring runs without autograd and in fp32, also inside autocast: nothing
-backpropagates through the scores, and half-precision distances would reorder near-equal frames.
+in a traced graph the selection is a rank count instead of a stable sort, and the distances are one explicit
+formula in both, so eager and exported models keep the same frames. Scoring runs without autograd and in fp32,
+also inside autocast: nothing backpropagates through the scores, and half-precision distances would reorder
+near-equal frames.
 
 Batch-1 cost: a small model's pruning stage is a few dozen tiny tensor ops, each costing microseconds of dispatch
 whatever its size, so their number is what matters. Tensors that depend only on a token count (positions, the
@@ -166,7 +167,7 @@ def top_n_in_time_order(scores: torch.Tensor, n: int) -> torch.Tensor:
     first), as a stable descending sort would.
 
     Eager mode runs that stable sort (three ops); a traced graph (torch.export for ONNX, torch.compile) runs
-    `top_n_by_rank`, which gives the same positions (tests/test_pruning_recovery.py checks the two on ties) with
+    `top_n_by_rank`, which gives the same positions (tests/test_pruning_reference.py checks the two on ties) with
     ops that export."""
     if torch.compiler.is_compiling():
         return top_n_by_rank(scores, n)
@@ -229,7 +230,7 @@ class DpcKnnPruner(TokenPruner):
         dist = pairwise_distances(feat) / math.sqrt(c)  # [B, T', T']
         k = min(self.cfg.tpm_k, t)
         knn_sq = dist.pow(2).topk(k, dim=-1, largest=False).values
-        density = torch.exp(knn_sq.sum(dim=-1) / -k)  # exp(-mean): mean is the sum divided by k, to the bit
+        density = torch.exp(knn_sq.sum(dim=-1) / -k)  # exp(-mean), the mean as the CPU computes it: sum / k
         # [i, j]: j is denser than i; equal densities are ordered by frame index (exact, deterministic).
         rho_i, rho_j = density.unsqueeze(2), density.unsqueeze(1)
         after = length_constant("after", t, x.device, _comes_after)
