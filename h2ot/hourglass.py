@@ -22,7 +22,7 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.layers import ATTENTION_RECEIVED
-from h2ot.pruning import build_tpm
+from h2ot.pruning import build_tpm, take_frames
 from h2ot.recovery import build_trm
 from h2ot.schedule import validate_schedule
 
@@ -81,8 +81,8 @@ class Hourglass(nn.Module):
         if self.cfg.seq2frame and self.training:
             return x, state.frame_indices
         if self.cfg.seq2frame:
-            centre = (state.frame_indices == state.frames // 2).float().argmax(dim=1)  # [B]
-            x = x[torch.arange(b, device=x.device), centre][:, None]
+            centre = (state.frame_indices == state.frames // 2).float().argmax(dim=1, keepdim=True)  # [B, 1]
+            x = take_frames(x, centre)
             return x, torch.full((b, 1), state.frames // 2, device=x.device, dtype=torch.long)
         if self.recovery is not None:
             x = self.recovery(x, state.frame_indices, state.frames)

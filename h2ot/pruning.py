@@ -7,9 +7,16 @@ Registry: TPM_REGISTRY["dpc_knn" | "uniform" | "motion" | "attention" | "random"
 Each strategy also states the FLOPs of its scoring (`scoring_flops`), for h2ot.flops.
 
 Everything here exports to one ONNX graph (h2ot.export) except `random`, which says so (`exportable = False`):
-the selection is a rank count instead of a stable sort, and the distances are one explicit formula, so eager and
-exported models keep the same frames. Scoring runs without autograd and in fp32, also inside autocast: nothing
-backpropagates through the scores, and half-precision distances would reorder near-equal frames.
+in a traced graph the selection is a rank count instead of a stable sort, and the distances are one explicit
+formula in both, so eager and exported models keep the same frames. Scoring runs without autograd and in fp32,
+also inside autocast: nothing backpropagates through the scores, and half-precision distances would reorder
+near-equal frames.
+
+Batch-1 cost: a small model's pruning stage is a few dozen tiny tensor ops, each costing microseconds of dispatch
+whatever its size, so their number is what matters. Tensors that depend only on a token count (positions, the
+"j comes before i" masks) are built once per count and device (`length_constant`); the scoring avoids ops that
+a single one can do (`amax` / `amin` without indices, a mean as the sum it is); eager mode selects
+with a stable sort, traced graphs with the exportable rank count that gives the same positions.
 """
 
 from __future__ import annotations
@@ -77,42 +84,114 @@ class TokenPruner(nn.Module):
 
         Returns (x_kept [B, n, J, C], kept original indices [B, n], sorted in time).
         """
-        b, t, j, c = x.shape
+        t = x.shape[1]
         if n > t:
             raise ValueError(f"cannot keep {n} tokens of {t}")
-        with torch.no_grad(), _fp32_scoring(x):
-            scores = self.scores(x.float(), n, context or {}).float()
-            if must_keep is not None:
-                scores = scores.masked_fill(must_keep, math.inf)
-            local = top_n_in_time_order(scores, n)
-        kept = torch.gather(x, 1, local[:, :, None, None].expand(b, n, j, c))
-        return kept, torch.gather(frame_indices, 1, local)
+        autocast = _autocast_enabled(x)
+        if torch.is_grad_enabled() or autocast:
+            off = torch.autocast(device_type=x.device.type, enabled=False) if autocast else contextlib.nullcontext()
+            with torch.no_grad(), off:
+                local = self._select(x, n, must_keep, context)
+        else:  # inference without autocast: nothing to turn off (entering contexts costs microseconds at batch 1)
+            local = self._select(x, n, must_keep, context)
+        return take_frames(x, local), torch.gather(frame_indices, 1, local)
+
+    def _select(
+        self, x: torch.Tensor, n: int, must_keep: torch.Tensor | None, context: dict | None
+    ) -> torch.Tensor:
+        """Positions [B, n] of the kept tokens, in time order: the top-n scores, must_keep first."""
+        scores = _fp32(self.scores(_fp32(x), n, context or {}))
+        if must_keep is not None:
+            scores = scores.masked_fill(must_keep, math.inf)
+        return top_n_in_time_order(scores, n)
 
 
-def _fp32_scoring(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off while scoring (a no-op outside autocast, which keeps export graphs free of it)."""
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _autocast_enabled(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (scoring turns it off: fp32 distances; export graphs hold none)."""
     try:
-        enabled = torch.is_autocast_enabled(x.device.type)
+        return torch.is_autocast_enabled(x.device.type)
     except RuntimeError:  # a device type without autocast (meta, used by the device tests): nothing to turn off
-        enabled = False
-    return torch.autocast(device_type=x.device.type, enabled=False) if enabled else contextlib.nullcontext()
+        return False
+
+
+def take_frames(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, T, J, C] at the frame positions [B, n] -> [B, n, J, C] (a copy: exact). At batch 1 in eager mode one
+    index_select instead of a view, an expand and a gather (traced graphs keep the gather, for any batch)."""
+    b, _, j, c = x.shape
+    if not torch.compiler.is_compiling() and b == 1:
+        return x.index_select(1, positions[0])
+    return torch.gather(x, 1, positions.view(b, -1, 1, 1).expand(-1, -1, j, c))
+
+
+_LENGTH_CONSTANTS: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+
+
+def length_constant(
+    name: str, length: int, device: torch.device, build: Callable[[int, torch.device], torch.Tensor]
+) -> torch.Tensor:
+    """The tensor build(length, device), which depends only on a token count: built once per (name, length,
+    device) in eager mode and reused; built afresh while torch.compile or torch.export traces, so that the graph
+    holds it as a constant and no traced (fake) tensor is kept. Callers never modify it in place."""
+    if torch.compiler.is_compiling():
+        return build(length, device)
+    key = (name, length, device)
+    cached = _LENGTH_CONSTANTS.get(key)
+    if cached is None:
+        # Outside inference mode: an inference tensor could not be used by a later forward that records autograd.
+        with torch.inference_mode(False), torch.no_grad():
+            cached = _LENGTH_CONSTANTS[key] = build(length, device)
+    return cached
+
+
+def _comes_before(t: int, device: torch.device) -> torch.Tensor:
+    """[T, T] bool, [i, j]: token j comes before token i."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril(-1)
+
+
+def _comes_after(t: int, device: torch.device) -> torch.Tensor:
+    """[T, T] bool, [i, j]: token j comes after token i."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
+
+
+def _reverse_positions(t: int, device: torch.device) -> torch.Tensor:
+    """[T] long: T - i, distinct and > 0, largest for the first token."""
+    return torch.arange(t, 0, -1, device=device)
 
 
 def top_n_in_time_order(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Positions [B, n] of the n highest scores [B, T], in time order; equal scores rank by position (the lower
     first), as a stable descending sort would.
 
-    Written with comparisons and top-k on distinct keys so that it exports to ONNX and gives the same positions
-    in every runtime: the rank of token i is the number of tokens that beat it (a higher score, or the same score
-    earlier); the n tokens of rank < n get the key T - i (distinct, > 0) and the rest 0, so top-k of the keys lists
-    the kept tokens from the earliest on."""
-    t = scores.shape[1]
-    position = torch.arange(t, device=scores.device)
-    s_i, s_j = scores[:, :, None], scores[:, None, :]
-    earlier = position[None, :] < position[:, None]  # [i, j]: j comes before i
-    rank = ((s_j > s_i) | ((s_j == s_i) & earlier)).sum(dim=2)  # [B, T]
-    key = torch.where(rank < n, t - position, torch.zeros_like(position))
+    Eager mode runs that stable sort (three ops); a traced graph (torch.export for ONNX, torch.compile) runs
+    `top_n_by_rank`, which gives the same positions (tests/test_pruning_reference.py checks the two on ties) with
+    ops that export."""
+    if torch.compiler.is_compiling():
+        return top_n_by_rank(scores, n)
+    return scores.argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values
+
+
+def top_n_by_rank(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """top_n_in_time_order with comparisons and top-k on distinct keys, which export to ONNX (a stable sort does
+    not) and give the same positions in every runtime: the rank of token i is the number of tokens that beat it (a
+    higher score, or the same score earlier); the n tokens of rank < n get the key T - i (distinct, > 0) and the
+    rest 0, so top-k of the keys lists the kept tokens from the earliest on."""
+    t, device = scores.shape[1], scores.device
+    s_i, s_j = scores.unsqueeze(2), scores.unsqueeze(1)
+    # j beats i: a higher score, or the same score earlier
+    beats = (s_j > s_i) | ((s_j == s_i) & length_constant("before", t, device, _comes_before))
+    rank = beats.sum(dim=2)  # [B, T]
+    key = torch.where(rank < n, length_constant("reverse_positions", t, device, _reverse_positions), 0)
     return key.topk(n, dim=1).indices
+
+
+def frame_features(x: torch.Tensor) -> torch.Tensor:
+    """Frame features [B, T', C] in fp32: the mean of a frame's tokens [B, T', J, C]. One token a frame (frame-token
+    backbones) is its own mean, to the bit: taken as it is, without a reduction."""
+    return _fp32(x[:, :, 0] if x.shape[2] == 1 else x.mean(dim=2))
 
 
 # torch.cdist's default switches from direct differences to the matrix-product formula above this many rows;
@@ -126,12 +205,12 @@ def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
     sqrt(max(0, |a|^2 + |b|^2 - 2 a.b)) as one matrix product, the formula cdist uses there."""
     t = feat.shape[1]
     if t <= CDIST_DIRECT_MAX_ROWS:
-        return (feat[:, :, None] - feat[:, None, :]).pow(2).sum(dim=-1).sqrt()
+        return (feat.unsqueeze(2) - feat.unsqueeze(1)).pow(2).sum(dim=-1).sqrt()
     sq = feat.pow(2).sum(dim=-1, keepdim=True)  # [B, T, 1]
     ones = torch.ones_like(sq)
     left = torch.cat([feat * -2, sq, ones], dim=-1)
     right = torch.cat([feat, ones, sq], dim=-1)
-    return (left @ right.transpose(1, 2)).clamp(min=0.0).sqrt()
+    return torch.bmm(left, right.transpose(1, 2)).clamp(min=0.0).sqrt()
 
 
 @register_tpm("dpc_knn")
@@ -147,17 +226,17 @@ class DpcKnnPruner(TokenPruner):
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         t, c = x.shape[1], x.shape[3]
-        feat = x.mean(dim=2).float()  # [B, T', C]
+        feat = frame_features(x)  # [B, T', C]
         dist = pairwise_distances(feat) / math.sqrt(c)  # [B, T', T']
         k = min(self.cfg.tpm_k, t)
         knn_sq = dist.pow(2).topk(k, dim=-1, largest=False).values
-        density = torch.exp(-knn_sq.mean(dim=-1))
+        density = torch.exp(knn_sq.sum(dim=-1) / -k)  # exp(-mean), the mean as the CPU computes it: sum / k
         # [i, j]: j is denser than i; equal densities are ordered by frame index (exact, deterministic).
-        rho_i, rho_j = density[:, :, None], density[:, None, :]
-        later = torch.arange(t, device=x.device)
-        denser = (rho_j > rho_i) | ((rho_j == rho_i) & (later[None, :] > later[:, None]))
-        max_dist = dist.flatten(1).max(dim=1).values[:, None, None]
-        delta = torch.where(denser, dist, max_dist).min(dim=-1).values
+        rho_i, rho_j = density.unsqueeze(2), density.unsqueeze(1)
+        after = length_constant("after", t, x.device, _comes_after)
+        denser = (rho_j > rho_i) | ((rho_j == rho_i) & after)  # no `where` on booleans: ONNX Runtime has none
+        max_dist = dist.amax(dim=(1, 2), keepdim=True)
+        delta = torch.where(denser, dist, max_dist).amin(dim=-1)
         return density * delta
 
     @classmethod
@@ -186,7 +265,7 @@ class MotionPruner(TokenPruner):
     from the previous current token; the first token takes its displacement to the next one."""
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
-        feat = x.mean(dim=2).float()  # [B, T', C]
+        feat = frame_features(x)  # [B, T', C]
         if feat.shape[1] < 2:
             return torch.zeros(feat.shape[:2], device=x.device)
         step = (feat[:, 1:] - feat[:, :-1]).norm(dim=-1)  # [B, T'-1]: token t-1 -> t
@@ -219,7 +298,7 @@ class AttentionPruner(TokenPruner):
             if received.shape[-1] != t or received.numel() % (b * t):
                 raise ValueError(f"recorded attention {tuple(received.shape)} does not match tokens {tuple(x.shape)}")
             return received.reshape(b, -1, t).sum(dim=1)
-        feat = x.mean(dim=2).float()  # [B, T', C]
+        feat = frame_features(x)  # [B, T', C]
         weights = (feat @ feat.transpose(1, 2) / math.sqrt(c)).softmax(dim=-1)
         return weights.sum(dim=1)
 

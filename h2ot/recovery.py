@@ -7,13 +7,16 @@ states its costs for h2ot.flops and whether it exports to ONNX.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.layers import CrossAttention, from_temporal, temporal_tokens
+from h2ot.pruning import length_constant, take_frames
 from h2ot.registry import Registry
 
 TRM_REGISTRY: Registry[type[TokenRecovery]] = Registry("recovering strategy", key="model.trm")
@@ -46,7 +49,8 @@ class TokenRecovery(nn.Module):
 
     @classmethod
     def attention_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
-        """MACs of the strategy's attention products (QK^T and AV) per token of a frame."""
+        """MACs of the strategy's other matrix products per token of a frame (attention's QK^T and AV; the linear
+        TRM's interpolation product): those torch's FlopCounterMode counts beside the Linear layers."""
         return 0
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
@@ -99,34 +103,58 @@ def _neighbours(kept_indices: torch.Tensor, frames: int) -> tuple[torch.Tensor, 
     The first kept index >= t sits at the count of kept indices < t (they are sorted): a comparison and a sum,
     which export to ONNX where searchsorted does not."""
     b, n = kept_indices.shape
-    t = torch.arange(frames, device=kept_indices.device).expand(b, frames)
+    t = length_constant("positions", frames, kept_indices.device, _positions).expand(b, frames)
     right = (kept_indices[:, None, :] < t[:, :, None]).sum(dim=2).clamp(max=n - 1)  # [B, T]
     return t, (right - 1).clamp(min=0), right
 
 
-def _take(x_kept: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x_kept [B, N, J, C] at positions pos [B, T] -> [B, T, J, C]."""
-    b, _, j, c = x_kept.shape
-    return torch.gather(x_kept, 1, pos[:, :, None, None].expand(b, pos.shape[1], j, c))
+def _positions(frames: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(frames, device=device)
+
+
+def _frame_column(frames: int, device: torch.device) -> torch.Tensor:
+    """[T, 1] float32: the frame positions as a column."""
+    return torch.arange(frames, dtype=torch.float32, device=device)[:, None]
+
+
+def interpolation_weights(kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, T, n] float32: the weight of kept frame m in frame t under linear interpolation in time between the
+    kept frames (sorted original indices [B, n]), the first / last kept frame held before / after them.
+
+    Kept frame m's weight is a hat: 1 at its own index k_m, falling linearly to 0 at the previous and at the next
+    kept index (never, before the first or after the last: a neighbour at inf), 1 - (t - k_m) / (k_next - k_m)
+    after it and 1 - (t - k_m) / (k_prev - k_m) before it. So every row holds 1 - w at its left neighbour and w at
+    its right one, and the recovered frames are one matrix product (LinearRecovery)."""
+    k = kept_indices.float().unsqueeze(1)  # [B, 1, n]
+    offset = length_constant("frame_column", frames, kept_indices.device, _frame_column) - k  # [B, T, n]: t - k_m
+    padded = F.pad(k, (1, 1), value=math.inf)  # [B, 1, n + 2]: the kept indices between two at inf
+    to_neighbour = torch.where(offset >= 0, padded[..., 2:] - k, padded[..., :-2] - k)  # k_next - k_m, k_prev - k_m
+    return (1 - offset / to_neighbour).clamp(min=0)
 
 
 @register_trm("linear")
 class LinearRecovery(TokenRecovery):
     """Linear interpolation in time between the kept frames (original indices); the first/last kept frame
-    is held beyond them. No parameters."""
+    is held beyond them. No parameters.
+
+    One matrix product of the interpolation weights [B, T, n] (interpolation_weights) with the kept tokens: a
+    handful of ops whatever the sizes, which is what a batch-1 forward pays for (a weight of 0 times a token is
+    0, so a non-finite token would reach every frame; the models' tokens are finite)."""
 
     def __init__(self, cfg: ModelConfig, dim: int):
         super().__init__()
 
+    @classmethod
+    def attention_macs(cls, cfg: ModelConfig, frames: int, kept: int) -> int:
+        """The interpolation product: [T, n] weights times the n kept tokens of C channels."""
+        return frames * kept * cfg.dim
+
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
-        t, left, right = _neighbours(kept_indices, frames)
-        right_t = torch.gather(kept_indices, 1, right).float()
-        left_t = torch.gather(kept_indices, 1, left).float()
-        span = (right_t - left_t).clamp(min=1.0)
-        w = ((t.float() - left_t) / span).clamp(0.0, 1.0)  # 0 before the first kept frame: hold it
-        w = torch.where(right_t <= t.float(), torch.ones_like(w), w)  # beyond the last kept: hold it
-        w = w[:, :, None, None].to(x_kept.dtype)
-        return _take(x_kept, left) * (1 - w) + _take(x_kept, right) * w
+        b, n, j, c = x_kept.shape
+        weights = interpolation_weights(kept_indices, frames)
+        if weights.dtype != x_kept.dtype:
+            weights = weights.to(x_kept.dtype)
+        return torch.bmm(weights, x_kept.reshape(b, n, j * c)).reshape(b, frames, j, c)
 
 
 @register_trm("nearest")
@@ -141,4 +169,4 @@ class NearestRecovery(TokenRecovery):
         t, left, right = _neighbours(kept_indices, frames)
         to_left = (t - torch.gather(kept_indices, 1, left)).abs()
         to_right = (torch.gather(kept_indices, 1, right) - t).abs()
-        return _take(x_kept, torch.where(to_left <= to_right, left, right))
+        return take_frames(x_kept, torch.where(to_left <= to_right, left, right))

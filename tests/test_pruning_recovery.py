@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from h2ot.config import ModelConfig
-from h2ot.pruning import TPM_REGISTRY, pairwise_distances, top_n_in_time_order
+from h2ot.pruning import TPM_REGISTRY, pairwise_distances, top_n_by_rank, top_n_in_time_order
 from h2ot.recovery import TRM_REGISTRY, TokenRecovery, _neighbours
 
 
@@ -106,6 +106,7 @@ def test_top_n_in_time_order_matches_a_stable_sort_with_ties(seed: int) -> None:
     for scores in (tied, distinct, with_inf):
         for n in (1, max(1, t // 3), t):
             assert torch.equal(top_n_in_time_order(scores, n), _stable_top_n(scores, n)), (t, n)
+            assert torch.equal(top_n_by_rank(scores, n), _stable_top_n(scores, n)), (t, n)  # the traced form
 
 
 @pytest.mark.parametrize("t", [3, 25, 26, 81, 243])
