@@ -12,6 +12,8 @@ from cluster.local.nodes import (
     START_TIMEOUT_S,
     alive_nodes,
     down,
+    driver_command,
+    driver_env,
     marked_pids,
     restart_node,
     stop_processes,
@@ -29,5 +31,6 @@ from cluster.local.state import (
 )
 
 __all__ = ["DEFAULT_STATE_DIR", "DEFAULT_SUBNET", "MARKER", "START_TIMEOUT_S", "ClusterState", "NodeState",
-           "alive_nodes", "can_use_netns", "check_port_free", "describe", "down", "load_state", "marked_pids",
-           "restart_node", "save_state", "stop_processes", "subnet_in_use", "up", "write_env_file"]
+           "alive_nodes", "can_use_netns", "check_port_free", "describe", "down", "driver_command", "driver_env",
+           "load_state", "marked_pids", "restart_node", "save_state", "stop_processes", "subnet_in_use", "up",
+           "write_env_file"]
