@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("jobs.bench", "FLOPs and throughput of full vs HoT vs H2OT, per runtime and precision; --stream"),
     "preprocess": ("jobs.preprocess", "raw pose data -> Parquet window shards + manifest (Ray Data)"),
     "bench-preprocess": ("jobs.bench_preprocess", "Ray Data vs single-process preprocessing throughput (JSON)"),
+    "bench-preprocess-scaling": ("jobs.bench_preprocess_scaling",
+                                 "the Ray preprocessing job on 1, 2, ... worker nodes of the local cluster (JSON)"),
     "cluster": ("jobs.cluster", "local multi-node Ray cluster + MLflow server: up | down | status"),
     "infer": ("jobs.infer", "2D keypoints of a video (COCO-17/H36M-17) -> 3D poses, pictures, animation"),
     "export": ("jobs.export", "a checkpoint -> one ONNX graph with the pruning inside, verified against PyTorch"),

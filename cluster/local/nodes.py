@@ -141,7 +141,7 @@ def _http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 
 
 def alive_nodes(state: ClusterState) -> list[dict[str, Any]]:
     """Alive Ray nodes as the head's dashboard reports them (`node_ip`, `node_id`, `is_head`, `cpus`: the logical
-    CPUs Ray schedules tasks on, 0 for a head started with --head-cpus 0)."""
+    CPUs Ray schedules tasks on, 0 for a head started with --head-cpus 0; `node_manager_port`: its raylet)."""
     raw = _http_get(f"{state.dashboard_url}/nodes?view=summary", state.auth_headers())
     out = []
     for node in json.loads(raw).get("data", {}).get("summary", []):
@@ -149,7 +149,8 @@ def alive_nodes(state: ClusterState) -> list[dict[str, Any]]:
         if raylet.get("state") == "ALIVE":
             out.append({"node_ip": node.get("ip") or raylet.get("nodeManagerAddress"),
                         "node_id": raylet.get("nodeId"), "is_head": bool(raylet.get("isHeadNode")),
-                        "cpus": float(raylet.get("resourcesTotal", {}).get("CPU", 0.0))})
+                        "cpus": float(raylet.get("resourcesTotal", {}).get("CPU", 0.0)),
+                        "node_manager_port": raylet.get("nodeManagerPort")})
     return out
 
 
@@ -345,6 +346,31 @@ def driver_env(state: ClusterState, base: dict[str, str] | None = None) -> dict[
     if state.mlflow_host:
         env["MLFLOW_TRACKING_URI"] = state.mlflow_url
     return env
+
+
+_STORE_STATS = """
+import json, sys
+from ray._private.internal_api import node_stats
+out = {}
+for ip, port in json.loads(sys.argv[1]):
+    s = node_stats(ip, port, include_memory_info=False).store_stats
+    out[ip] = {"created_bytes": s.cumulative_created_bytes, "spilled_bytes": s.spilled_bytes_total,
+               "restored_bytes": s.restored_bytes_total}
+print(json.dumps(out))
+"""
+
+
+def store_stats(state: ClusterState) -> dict[str, dict[str, int]]:
+    """Per node address, its object store's counters since the node started, asked of each raylet now (the
+    dashboard's copy lags up to 15 s): created_bytes (objects made there, those pulled from another node
+    included), spilled_bytes and restored_bytes (to and from disk when the store was full). Asked from a
+    short-lived process that carries the cluster's token, so this process's Ray stays as it is."""
+    nodes = [[n["node_ip"], n["node_manager_port"]] for n in alive_nodes(state)]
+    proc = subprocess.run([sys.executable, "-c", _STORE_STATS, json.dumps(nodes)], env=driver_env(state),
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ClusterError(f"reading the nodes' object-store counters failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------------------------- stop
