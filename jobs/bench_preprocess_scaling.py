@@ -43,6 +43,7 @@ JOB_TIMEOUT_S = 3600.0
 PSS_INTERVAL_S = 1.0  # reading every process's smaps_rollup costs CPU the job would miss: once a second
 TASK_EVENTS_FLUSH_S = 2.0  # workers report task events to the GCS every second; wait for the last ones
 GRID_MS = 10  # resolution of "a node idle while tasks waited for one"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 JobRunner = Callable[[Any], dict[str, Any]]  # a running cluster's ClusterState -> the job's figures (JOB_KEYS)
 
@@ -152,24 +153,77 @@ def pss_mb(pids: list[int]) -> float:
     return total_kb / 1024
 
 
-class PeakPss:
-    """Peak of the summed PSS of a cluster's processes (driver, GCS, raylets, workers, MLflow), sampled in a
-    thread while the `with` block runs."""
+def process_role(pid: int) -> str | None:
+    """What a process of the cluster is, from its command line: the job's driver, a Ray daemon of some node
+    (raylet, gcs, dashboard, dashboard agent, runtime_env agent, log monitor, monitor), a Ray worker running
+    tasks, one of Ray Data's helper actors, MLflow; None once it is gone."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return None
+    for needle, role in ROLES:
+        if needle in argv:
+            return role
+    return "other"
+
+
+ROLES = [  # (text in the command line, role); the first match counts
+    ("ray::_", "ray data helper actors"), ("ray::", "ray task workers"), ("default_worker.py", "ray task workers"),
+    ("raylet/raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard/agent.py", "dashboard agent"),
+    ("dashboard/dashboard.py", "dashboard"), ("runtime_env/agent", "runtime_env agent"),
+    ("log_monitor.py", "log monitor"), ("autoscaler/_private/monitor.py", "monitor"), ("jobs.", "job driver"),
+    ("mlflow", "mlflow"), ("ray start", "ray start"),
+]
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds `pid` has used so far (None once it is gone)."""
+    try:  # the fields after `(comm)`, which may hold spaces: utime and stime are the 12th and 13th
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ClusterSampler:
+    """While the `with` block runs, a thread samples the cluster's processes (all carrying its marker: the
+    driver, GCS, raylets, workers, MLflow) every `interval_s`: peak_mb, the peak of their summed PSS, and
+    cpu_s_by_role, the CPU seconds each kind of process used meanwhile (a process that exits between two
+    samples loses at most one interval of its CPU time)."""
 
     def __init__(self, cluster_id: str, interval_s: float = PSS_INTERVAL_S) -> None:
         self.cluster_id, self.interval_s, self.peak_mb = cluster_id, interval_s, 0.0
+        self._start: dict[int, float] = {}  # cpu seconds at the first sample of each process alive then
+        self._last: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._first = True
 
     def _sample(self) -> None:
         from cluster.local import marked_pids
 
         while True:
-            self.peak_mb = max(self.peak_mb, pss_mb(marked_pids(self.cluster_id)))
+            pids = marked_pids(self.cluster_id)
+            self.peak_mb = max(self.peak_mb, pss_mb(pids))
+            for pid in pids:
+                cpu, role = cpu_seconds(pid), self._last.get(pid, (None,))[0] or process_role(pid)
+                if cpu is None or role is None:
+                    continue
+                if self._first:
+                    self._start[pid] = cpu
+                self._last[pid] = (role, cpu)
+            self._first = False
             if self._stop.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> PeakPss:
+    @property
+    def cpu_s_by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for pid, (role, cpu) in list(self._last.items()):  # the sampling thread may be adding to it
+            out[role] = out.get(role, 0.0) + cpu - self._start.get(pid, 0.0)
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+    def __enter__(self) -> ClusterSampler:
         self._thread.start()
         return self
 
@@ -263,7 +317,7 @@ def measure_setting(state, job: JobRunner) -> dict[str, Any]:
     cpus = {n["node_ip"]: n["cpus"] for n in local.alive_nodes(state)}
     idle_mb = pss_mb(local.marked_pids(state.id))
     load_before = [round(x, 2) for x in os.getloadavg()]
-    with PeakPss(state.id) as peak:
+    with ClusterSampler(state.id) as sampler:
         t0 = time.perf_counter()
         figures = job(state)
         seconds_command = time.perf_counter() - t0
@@ -288,7 +342,8 @@ def measure_setting(state, job: JobRunner) -> dict[str, Any]:
         "task_span_s": tasks["span_s"],
         "nodes": tasks["nodes"],
         "idle_pss_mb_cluster": round(idle_mb, 1),
-        "peak_pss_mb_cluster": round(peak.peak_mb, 1),
+        "peak_pss_mb_cluster": round(sampler.peak_mb, 1),
+        "cpu_s_by_role": sampler.cpu_s_by_role,
         "load_average_before": load_before,
         "load_average_after": load_after,
     }

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,28 @@ def test_pss_of_this_process_is_counted_and_gone_processes_are_skipped() -> None
     mine = scaling.pss_mb([os.getpid()])
     assert mine > 1.0
     assert scaling.pss_mb([os.getpid(), 2**22 + 7]) == pytest.approx(mine, rel=0.2)
+
+
+def test_cluster_sampler_counts_the_cpu_and_memory_of_marked_processes_only(tmp_path: Path) -> None:
+    """A marked process that burns ~0.6 s of CPU after the sampling began is counted (under `other`, its role);
+    an unmarked one beside it is not."""
+    marker = "scal" + os.urandom(3).hex()
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)"
+    env = {**os.environ, local.MARKER: marker}
+    with scaling.ClusterSampler(marker, interval_s=0.1) as sampler:
+        procs = [subprocess.Popen([sys.executable, "-c", burn], env=env),
+                 subprocess.Popen([sys.executable, "-c", burn])]
+        try:
+            deadline = time.monotonic() + 30
+            while sampler.cpu_s_by_role.get("other", 0) < 0.55 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    assert 0.55 <= sampler.cpu_s_by_role["other"] < 1.2  # one process's 0.6 s, not two
+    assert sampler.peak_mb > 1.0
+    assert scaling.process_role(os.getpid()) == "other" and scaling.process_role(2**22 + 7) is None
 
 
 def test_cli_lists_the_scaling_bench() -> None:
