@@ -154,25 +154,31 @@ def pss_mb(pids: list[int]) -> float:
 
 
 def process_role(pid: int) -> str | None:
-    """What a process of the cluster is, from its command line: the job's driver, a Ray daemon of some node
-    (raylet, gcs, dashboard, dashboard agent, runtime_env agent, log monitor, monitor), a Ray worker running
-    tasks, one of Ray Data's helper actors, MLflow; None once it is gone."""
+    """role_of the command line of `pid`; None once it is gone."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+        return role_of(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0"))
     except OSError:
         return None
-    for needle, role in ROLES:
-        if needle in argv:
-            return role
-    return "other"
 
 
+def role_of(argv: list[str]) -> str:
+    """What a process of the cluster is: the bench-preprocess timer or the job's driver, a Ray daemon (raylet,
+    gcs, dashboard and its agents, monitors, `ray start --block` itself), a Ray worker running tasks, one of
+    Ray Data's helper actors, MLflow."""
+    if argv and argv[0].startswith("ray::"):  # a Ray worker names itself after what it runs
+        title = argv[0][len("ray::"):].strip()
+        return WORKER_TITLES.get(title, "ray data helper actors" if title.startswith("_") else "ray task workers")
+    text = " ".join(argv)
+    return next((role for needle, role in ROLES if needle in text), "other")
+
+
+WORKER_TITLES = {"DashboardAgent": "dashboard agent", "RuntimeEnvAgent": "runtime_env agent"}
 ROLES = [  # (text in the command line, role); the first match counts
-    ("ray::_", "ray data helper actors"), ("ray::", "ray task workers"), ("default_worker.py", "ray task workers"),
-    ("raylet/raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard/agent.py", "dashboard agent"),
-    ("dashboard/dashboard.py", "dashboard"), ("runtime_env/agent", "runtime_env agent"),
-    ("log_monitor.py", "log monitor"), ("autoscaler/_private/monitor.py", "monitor"), ("jobs.", "job driver"),
-    ("mlflow", "mlflow"), ("ray start", "ray start"),
+    ("raylet/raylet", "raylet"), ("gcs_server", "gcs"), ("dashboard/dashboard.py", "dashboard"),
+    ("log_monitor.py", "log monitor"), ("autoscaler/_private/monitor.py", "monitor"),
+    ("ray.util.client.server", "ray client server"), ("default_worker.py", "ray task workers"),
+    ("bench-preprocess", "bench-preprocess (timer, PSS sampler)"), ("jobs.", "job driver"),
+    ("mlflow", "mlflow"), ("ray start", "ray start --block"),
 ]
 
 

@@ -187,6 +187,25 @@ def test_cluster_sampler_counts_the_cpu_and_memory_of_marked_processes_only(tmp_
     assert scaling.process_role(os.getpid()) == "other" and scaling.process_role(2**22 + 7) is None
 
 
+@pytest.mark.parametrize("argv, role", [
+    (["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=/tmp/x",
+      "--python_worker_command=python default_worker.py ray::"], "raylet"),
+    (["/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server", "--log_dir=/tmp/x"], "gcs"),
+    (["ray::DashboardAgent", ""], "dashboard agent"),
+    (["ray::IDLE"], "ray task workers"),
+    (["ray::Map(work)"], "ray task workers"),
+    (["ray::_StatsActor"], "ray data helper actors"),
+    (["/venv/bin/python", "-m", "jobs.cli", "bench-preprocess", "--address", "10.0.0.2:6379"],
+     "bench-preprocess (timer, PSS sampler)"),
+    (["/venv/bin/python", "-m", "jobs.preprocess", "--source", "h36m"], "job driver"),
+    (["/venv/bin/python", "/venv/bin/ray", "start", "--block", "--num-cpus=0"], "ray start --block"),
+    (["/venv/bin/python", "-c", "from multiprocessing.forkserver import main"], "other"),
+    (["/venv/bin/python", "-m", "uvicorn", "mlflow.server.fastapi_app:app"], "mlflow"),
+])
+def test_role_of_reads_the_command_line(argv: list[str], role: str) -> None:
+    assert scaling.role_of(argv) == role
+
+
 def test_cli_lists_the_scaling_bench() -> None:
     from jobs.cli import SUBCOMMANDS
 
