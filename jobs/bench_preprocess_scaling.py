@@ -12,7 +12,9 @@ Prints windows/s per setting and each setting's ratio to the first; the shards m
 setting (content hash) or the command fails. Per setting it also shows where the job's tasks ran and waited,
 per node (Ray's task events: tasks on the head, time in each task state, a node idle while tasks waited for
 one), the bytes each node's object store created (objects pulled from another node included), peak PSS summed
-over the cluster's processes, and the load averages: on a shared machine the figures are not a benchmark.
+over the cluster's processes, the CPU seconds of each kind of process (task workers, driver, Ray's daemons), and
+the load averages: on a shared machine the figures are not a benchmark (Ray runs its task workers at niceness
+15, so other work on the machine takes the CPU from them first).
 """
 
 from __future__ import annotations
