@@ -256,10 +256,11 @@ def _node_cmds(state: cluster.ClusterState) -> dict[str, list[str]]:
 
 def test_head_cpus_zero_gives_the_head_no_task_cpus_and_workers_theirs(tmp_path: Path) -> None:
     nodes = [cluster.NodeState("head", "10.0.0.2", netns="ns-head"), cluster.NodeState("w1", "10.0.0.3", netns="ns-w1")]
-    cmds = _node_cmds(_state(tmp_path, cpus_per_node=1.0, head_cpus=0.0, nodes=nodes))
+    cmds = _node_cmds(_state(tmp_path, cpus_per_node=1.0, head_cpus=0.0, nodes=nodes, ray_temp_dir="/tmp/h2ot-ray-x"))
     assert "--num-cpus=0" in cmds["head"] and "--head" in cmds["head"]
     assert "--num-cpus=1" in cmds["w1"] and "--address=10.0.0.2:1" in cmds["w1"]
     assert cmds["head"][:4] == ["ip", "netns", "exec", "ns-head"]
+    assert "--temp-dir=/tmp/h2ot-ray-x/head" in cmds["head"] and "--temp-dir=/tmp/h2ot-ray-x/w1" in cmds["w1"]
     # the default (no --head-cpus) keeps today's behaviour: the head has --cpus-per-node like every worker
     cmds = _node_cmds(_state(tmp_path, cpus_per_node=3.0, nodes=nodes))
     assert "--num-cpus=3" in cmds["head"] and "--num-cpus=3" in cmds["w1"]

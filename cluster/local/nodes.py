@@ -116,11 +116,19 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, in
     return proc.pid, start_ticks(proc.pid)
 
 
+def node_temp_dir(state: ClusterState, node: NodeState) -> str:
+    """Each node's own Ray temp dir (sessions, logs, sockets), as on separate hosts. With one shared folder every
+    node's log monitor tailed the worker logs of all nodes and published each line again under its own node's
+    address: on head + 2 workers a task's one print reached the driver 3 times, 2 of them with a wrong `ip=`."""
+    return str(Path(str(state.ray_temp_dir)) / node.name)
+
+
 def _ray_cmd(state: ClusterState, node: NodeState, head: bool) -> list[str]:
     ray = str(Path(sys.executable).parent / "ray")
     cpus = state.head_num_cpus if head else state.cpus_per_node
     cmd = [ray, "start", "--block", f"--num-cpus={cpus:g}", "--num-gpus=0",
-           f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={state.ray_temp_dir}", "--disable-usage-stats"]
+           f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={node_temp_dir(state, node)}",
+           "--disable-usage-stats"]
     if node.ip:
         cmd.append(f"--node-ip-address={node.ip}")
     if head:
