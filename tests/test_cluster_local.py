@@ -327,3 +327,24 @@ def test_exec_runs_the_command_with_the_driver_environment(tmp_path: Path, capsy
     assert cluster_cli.main(["exec", "--state-dir", str(tmp_path), "--", sys.executable, "-c", script]) == 0
     assert out.read_text() == f"127.0.0.1:26391 {state.id}"
     assert cluster_cli.main(["exec", "--state-dir", str(tmp_path), "--", sys.executable, "-c", "exit(3)"]) == 3
+
+
+def test_a_node_that_died_during_startup_fails_at_once_with_its_log(tmp_path: Path) -> None:
+    from cluster.local.nodes import _wait
+
+    log_file = tmp_path / "ray-head.log"
+    log_file.write_text("starting\nValueError: Ray component worker_ports is trying to use a port number 16391\n")
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"(?s)the Ray head exited during startup.*worker_ports"):
+        _wait("the Ray head", lambda: False, 60, str(log_file), died=lambda: True)
+    assert time.monotonic() - t0 < 5
+
+
+def test_free_subnet_skips_the_ranges_in_use(monkeypatch) -> None:
+    from cluster.local import network
+
+    taken = {"10.213.7.0/24": "h2ot1", "10.213.8.0/24": "eth9"}
+    monkeypatch.setattr(network, "subnet_in_use", lambda subnet: taken.get(subnet))
+    assert network.free_subnet() == "10.213.9.0/24"
+    with pytest.raises(ClusterError, match="no free 10.213.x.0/24"):
+        network.free_subnet(thirds=range(7, 9))
