@@ -224,10 +224,12 @@ class ClusterSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._first = True
+        self.sampler_cpu_s = 0.0  # CPU seconds the sampling took (this process is not the cluster's: not counted)
 
     def _sample(self) -> None:
         from cluster.local import marked_pids
 
+        c0 = time.thread_time()
         while True:
             pids = marked_pids(self.cluster_id)
             self.peak_mb = max(self.peak_mb, pss_mb(pids))
@@ -239,6 +241,7 @@ class ClusterSampler:
                     self._start[pid] = cpu
                 self._last[pid] = (role, cpu)
             self._first = False
+            self.sampler_cpu_s = time.thread_time() - c0
             if self._stop.wait(self.interval_s):
                 return
 
@@ -375,6 +378,7 @@ def measure_setting(state, job: JobRunner) -> dict[str, Any]:
         "idle_pss_mb_cluster": round(idle_mb, 1),
         "peak_pss_mb_cluster": round(sampler.peak_mb, 1),
         "cpu_s_by_role": sampler.cpu_s_by_role,
+        "sampler_cpu_s": round(sampler.sampler_cpu_s, 2),
         "load_average_before": load_before,
         "load_average_after": load_after,
     }
