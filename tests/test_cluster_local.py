@@ -246,3 +246,105 @@ def test_connect_picks_the_address_and_retries_only_a_startup_timeout(monkeypatc
     with pytest.raises(RuntimeError, match="bad num_cpus"):
         ray_session.connect(start_attempts=3)
     assert len(fake.inits) == 1
+
+
+def _node_cmds(state: cluster.ClusterState) -> dict[str, list[str]]:
+    from cluster.local.nodes import _ray_cmd
+
+    return {n.name: _ray_cmd(state, n, head=n.name == "head") for n in state.nodes}
+
+
+def test_head_cpus_zero_gives_the_head_no_task_cpus_and_workers_theirs(tmp_path: Path) -> None:
+    nodes = [cluster.NodeState("head", "10.0.0.2", netns="ns-head"), cluster.NodeState("w1", "10.0.0.3", netns="ns-w1")]
+    cmds = _node_cmds(_state(tmp_path, cpus_per_node=1.0, head_cpus=0.0, nodes=nodes, ray_temp_dir="/tmp/h2ot-ray-x"))
+    assert "--num-cpus=0" in cmds["head"] and "--head" in cmds["head"]
+    assert "--num-cpus=1" in cmds["w1"] and "--address=10.0.0.2:1" in cmds["w1"]
+    assert cmds["head"][:4] == ["ip", "netns", "exec", "ns-head"]
+    assert "--temp-dir=/tmp/h2ot-ray-x/head" in cmds["head"] and "--temp-dir=/tmp/h2ot-ray-x/w1" in cmds["w1"]
+    # the default (no --head-cpus) keeps today's behaviour: the head has --cpus-per-node like every worker
+    cmds = _node_cmds(_state(tmp_path, cpus_per_node=3.0, nodes=nodes))
+    assert "--num-cpus=3" in cmds["head"] and "--num-cpus=3" in cmds["w1"]
+    assert [a for a in cmds["head"] if a.startswith("--num-cpus")] == ["--num-cpus=3"]
+
+
+def test_head_cpus_round_trips_and_describe_shows_each_nodes_cpus(tmp_path: Path) -> None:
+    state = _state(tmp_path, mode="netns", head_cpus=0.0, nodes=[cluster.NodeState("head", "10.0.0.2"),
+                                                                  cluster.NodeState("w1", "10.0.0.3")])
+    state.dashboard_host, state.mlflow_host = "10.0.0.2", "10.0.0.1"
+    cluster.save_state(state)
+    assert cluster.load_state(tmp_path).head_num_cpus == 0.0
+    lines = cluster.describe(state).splitlines()
+    assert "0 CPU" in lines[1] and "head" in lines[1] and "1 CPU" in lines[2]
+    old = json.loads((tmp_path / "state.json").read_text())
+    del old["head_cpus"]  # a state file written before the option: the head had cpus_per_node
+    (tmp_path / "state.json").write_text(json.dumps(old))
+    assert cluster.load_state(tmp_path).head_num_cpus == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--head-cpus", "0", "--workers", "0"], "without CPUs for tasks"),
+    (["--head-cpus", "-1"], "CPUs must be >= 0"),
+    (["--gcs-port", "16391"], "--gcs-port 16391 lies in the ports Ray gives its workers"),
+    (["--dashboard-port", "10002"], "--dashboard-port 10002 lies in the ports"),
+])
+def test_up_refuses_a_cluster_that_could_not_work_before_starting_anything(tmp_path: Path, capsys, argv,
+                                                                          message) -> None:
+    state_dir = tmp_path / "state"
+    assert cluster_cli.main(["up", "--state-dir", str(state_dir), "--no-netns", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not state_dir.exists()
+
+
+def test_drivers_run_on_the_head_with_the_clusters_address_token_and_marker(tmp_path: Path) -> None:
+    state = _state(tmp_path, mode="netns", gcs_port=26391, token_path=str(tmp_path / "t"),
+                   nodes=[cluster.NodeState("head", "10.0.0.2", netns="h2ot-x-head")])
+    state.mlflow_host = "10.0.0.1"
+    argv = ["python", "-m", "jobs.preprocess", "--out", "x"]
+    assert cluster.driver_command(state, argv) == ["ip", "netns", "exec", "h2ot-x-head", *argv]
+    env = cluster.driver_env(state, base={"PATH": "/usr/bin", "RAY_ADDRESS": "elsewhere:1", "KEEP": "1"})
+    assert env["RAY_ADDRESS"] == "10.0.0.2:26391" and env[cluster.MARKER] == state.id and env["KEEP"] == "1"
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "t")
+    assert env["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:3"
+    assert env["PATH"].startswith(str(Path(sys.executable).parent))
+    host = _state(tmp_path, nodes=[cluster.NodeState("head", "192.0.2.2")])
+    assert cluster.driver_command(host, argv) == argv  # host mode: the nodes share the host's network
+
+
+def test_exec_without_a_running_cluster_or_a_command_says_what_to_do(tmp_path: Path, capsys) -> None:
+    assert cluster_cli.main(["exec", "--state-dir", str(tmp_path), "--", "true"]) == 2
+    assert "no running cluster" in capsys.readouterr().err
+    assert cluster_cli.main(["exec", "--state-dir", str(tmp_path)]) == 2
+    assert "nothing to run" in capsys.readouterr().err
+
+
+def test_exec_runs_the_command_with_the_driver_environment(tmp_path: Path, capsys) -> None:
+    state = _state(tmp_path, gcs_port=26391, ready=True, token_path=str(tmp_path / "t"),
+                   nodes=[cluster.NodeState("head", "127.0.0.1")])
+    cluster.save_state(state)
+    out = tmp_path / "env.txt"
+    script = (f"import os; open({str(out)!r}, 'w')"
+              f".write(os.environ['RAY_ADDRESS'] + ' ' + os.environ['{cluster.MARKER}'])")
+    assert cluster_cli.main(["exec", "--state-dir", str(tmp_path), "--", sys.executable, "-c", script]) == 0
+    assert out.read_text() == f"127.0.0.1:26391 {state.id}"
+    assert cluster_cli.main(["exec", "--state-dir", str(tmp_path), "--", sys.executable, "-c", "exit(3)"]) == 3
+
+
+def test_a_node_that_died_during_startup_fails_at_once_with_its_log(tmp_path: Path) -> None:
+    from cluster.local.nodes import _wait
+
+    log_file = tmp_path / "ray-head.log"
+    log_file.write_text("starting\nValueError: Ray component worker_ports is trying to use a port number 16391\n")
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"(?s)the Ray head exited during startup.*worker_ports"):
+        _wait("the Ray head", lambda: False, 60, str(log_file), died=lambda: True)
+    assert time.monotonic() - t0 < 5
+
+
+def test_free_subnet_skips_the_ranges_in_use(monkeypatch) -> None:
+    from cluster.local import network
+
+    taken = {"10.213.7.0/24": "h2ot1", "10.213.8.0/24": "eth9"}
+    monkeypatch.setattr(network, "subnet_in_use", lambda subnet: taken.get(subnet))
+    assert network.free_subnet() == "10.213.9.0/24"
+    with pytest.raises(ClusterError, match="no free 10.213.x.0/24"):
+        network.free_subnet(thirds=range(7, 9))

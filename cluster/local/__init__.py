@@ -7,14 +7,17 @@ host processes and MLflow binds 127.0.0.1. The state folder records everything b
 The command line is `jobs/cluster.py`; `failure_drill.py` here kills a node during training and measures.
 """
 
-from cluster.local.network import DEFAULT_SUBNET, can_use_netns, check_port_free, subnet_in_use
+from cluster.local.network import DEFAULT_SUBNET, can_use_netns, check_port_free, free_subnet, subnet_in_use
 from cluster.local.nodes import (
     START_TIMEOUT_S,
     alive_nodes,
     down,
+    driver_command,
+    driver_env,
     marked_pids,
     restart_node,
     stop_processes,
+    store_stats,
     up,
 )
 from cluster.local.state import (
@@ -29,5 +32,6 @@ from cluster.local.state import (
 )
 
 __all__ = ["DEFAULT_STATE_DIR", "DEFAULT_SUBNET", "MARKER", "START_TIMEOUT_S", "ClusterState", "NodeState",
-           "alive_nodes", "can_use_netns", "check_port_free", "describe", "down", "load_state", "marked_pids",
-           "restart_node", "save_state", "stop_processes", "subnet_in_use", "up", "write_env_file"]
+           "alive_nodes", "can_use_netns", "check_port_free", "describe", "down", "driver_command", "driver_env",
+           "free_subnet", "load_state", "marked_pids", "restart_node", "save_state", "stop_processes",
+           "store_stats", "subnet_in_use", "up", "write_env_file"]

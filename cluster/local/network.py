@@ -53,6 +53,15 @@ def subnet_in_use(subnet: str) -> str | None:
     return None
 
 
+def free_subnet(prefix: str = "10.213", thirds: range = range(7, 250)) -> str:
+    """The first `<prefix>.<third>.0/24` no route of this host overlaps (a bridge of another cluster included)."""
+    for third in thirds:
+        subnet = f"{prefix}.{third}.0/24"
+        if subnet_in_use(subnet) is None:
+            return subnet
+    raise ClusterError(f"no free {prefix}.x.0/24 for the cluster's bridge; pass --subnet")
+
+
 def setup_network(state: ClusterState, names: list[str]) -> None:
     """Bridge on the host + one namespace per node with a veth into the bridge. Records before creating."""
     net = ipaddress.ip_network(state.subnet)

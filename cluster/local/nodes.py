@@ -54,6 +54,7 @@ OBJECT_STORE_BYTES = 200 * 1024 * 1024  # tiny clusters: the default (30% of RAM
 START_TIMEOUT_S = 90.0
 NODE_START_ATTEMPTS = 5
 STOP_GRACE_S = 10.0
+RAY_WORKER_PORTS = (10002, 19999)  # `ray start`'s default --min-worker-port / --max-worker-port
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -115,10 +116,19 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, in
     return proc.pid, start_ticks(proc.pid)
 
 
+def node_temp_dir(state: ClusterState, node: NodeState) -> str:
+    """Each node's own Ray temp dir (sessions, logs, sockets), as on separate hosts. With one shared folder every
+    node's log monitor tailed the worker logs of all nodes and published each line again under its own node's
+    address: on head + 2 workers a task's one print reached the driver 3 times, 2 of them with a wrong `ip=`."""
+    return str(Path(str(state.ray_temp_dir)) / node.name)
+
+
 def _ray_cmd(state: ClusterState, node: NodeState, head: bool) -> list[str]:
     ray = str(Path(sys.executable).parent / "ray")
-    cmd = [ray, "start", "--block", f"--num-cpus={state.cpus_per_node:g}", "--num-gpus=0",
-           f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={state.ray_temp_dir}", "--disable-usage-stats"]
+    cpus = state.head_num_cpus if head else state.cpus_per_node
+    cmd = [ray, "start", "--block", f"--num-cpus={cpus:g}", "--num-gpus=0",
+           f"--object-store-memory={OBJECT_STORE_BYTES}", f"--temp-dir={node_temp_dir(state, node)}",
+           "--disable-usage-stats"]
     if node.ip:
         cmd.append(f"--node-ip-address={node.ip}")
     if head:
@@ -138,18 +148,23 @@ def _http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 
 
 
 def alive_nodes(state: ClusterState) -> list[dict[str, Any]]:
-    """Alive Ray nodes as the head's dashboard reports them (`node_ip`, `node_id`, `is_head`)."""
+    """Alive Ray nodes as the head's dashboard reports them (`node_ip`, `node_id`, `is_head`, `cpus`: the logical
+    CPUs Ray schedules tasks on, 0 for a head started with --head-cpus 0; `node_manager_port`: its raylet)."""
     raw = _http_get(f"{state.dashboard_url}/nodes?view=summary", state.auth_headers())
     out = []
     for node in json.loads(raw).get("data", {}).get("summary", []):
         raylet = node.get("raylet", {})
         if raylet.get("state") == "ALIVE":
             out.append({"node_ip": node.get("ip") or raylet.get("nodeManagerAddress"),
-                        "node_id": raylet.get("nodeId"), "is_head": bool(raylet.get("isHeadNode"))})
+                        "node_id": raylet.get("nodeId"), "is_head": bool(raylet.get("isHeadNode")),
+                        "cpus": float(raylet.get("resourcesTotal", {}).get("CPU", 0.0)),
+                        "node_manager_port": raylet.get("nodeManagerPort")})
     return out
 
 
-def _wait(what: str, check: Callable[[], Any], timeout_s: float, log_path: str | None) -> None:
+def _wait(what: str, check: Callable[[], Any], timeout_s: float, log_path: str | None,
+          died: Callable[[], bool] | None = None) -> None:
+    """Poll `check` until it is true; raise with the log's tail after `timeout_s`, or at once when `died()`."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -158,11 +173,27 @@ def _wait(what: str, check: Callable[[], Any], timeout_s: float, log_path: str |
                 return
         except (OSError, ValueError, urllib.error.URLError) as e:
             last = e
+        if died is not None and died():
+            raise ClusterError(f"{what} exited during startup; log {log_path}:\n{_log_tail(log_path)}")
         time.sleep(0.5)
-    tail = ""
-    if log_path and Path(log_path).exists():
-        tail = "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-15:])
-    raise ClusterError(f"{what} did not come up within {timeout_s:.0f} s ({last}); log {log_path}:\n{tail}")
+    raise ClusterError(f"{what} did not come up within {timeout_s:.0f} s ({last}); log {log_path}:\n"
+                       f"{_log_tail(log_path)}")
+
+
+def _log_tail(log_path: str | None, lines: int = 15) -> str:
+    if not log_path or not Path(log_path).exists():
+        return ""
+    return "\n".join(Path(log_path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def check_ports_outside_worker_range(gcs_port: int, dashboard_port: int) -> None:
+    """Ray gives its workers the ports 10002-19999 on every node: a GCS or dashboard port in there makes
+    `ray start` fail (after the full start timeout, seen only in the node's log). Refuse it up front."""
+    for port, option in ((gcs_port, "--gcs-port"), (dashboard_port, "--dashboard-port")):
+        if RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[1]:
+            low, high = RAY_WORKER_PORTS
+            raise ClusterError(f"{option} {port} lies in the ports Ray gives its workers ({low}-{high}); "
+                               f"pick one below {low - 1} or above {high}")
 
 
 # --------------------------------------------------------------------------------------------- start
@@ -192,8 +223,12 @@ def start_mlflow(state: ClusterState) -> None:
 
 def up(state_dir: Path, workers: int = 1, cpus_per_node: float = 1.0, gcs_port: int = 6379,
        dashboard_port: int = 8265, mlflow_port: int = 5000, subnet: str = DEFAULT_SUBNET, netns: bool | None = None,
-       timeout_s: float = START_TIMEOUT_S) -> ClusterState:
-    """Start head + `workers` worker nodes + MLflow; on any failure stop everything started and re-raise."""
+       timeout_s: float = START_TIMEOUT_S, head_cpus: float | None = None) -> ClusterState:
+    """Start head + `workers` worker nodes + MLflow; on any failure stop everything started and re-raise.
+
+    head_cpus: logical CPUs of the head (None: `cpus_per_node`, as every worker). With 0 the head schedules no
+    CPU task: it keeps the GCS, dashboard and job drivers, and the workers' CPUs are all the cluster has.
+    """
     state_dir = Path(state_dir).absolute()
     old = load_state(state_dir)
     if old is not None:
@@ -207,10 +242,16 @@ def up(state_dir: Path, workers: int = 1, cpus_per_node: float = 1.0, gcs_port: 
         raise ClusterError("--netns needs root and the `ip` tool; run as root or pass --no-netns")
     if workers < 0:
         raise ClusterError(f"--workers must be >= 0, got {workers}")
+    if cpus_per_node < 0 or (head_cpus is not None and head_cpus < 0):
+        raise ClusterError(f"CPUs must be >= 0, got --cpus-per-node {cpus_per_node:g}, --head-cpus {head_cpus}")
+    if head_cpus == 0 and (workers == 0 or cpus_per_node == 0):
+        raise ClusterError("--head-cpus 0 leaves the cluster without CPUs for tasks: add --workers (with "
+                           "--cpus-per-node > 0) or give the head CPUs")
+    check_ports_outside_worker_range(gcs_port, dashboard_port)
     make_state_dir(state_dir)
     state = ClusterState(id=secrets.token_hex(3), mode="netns" if use_netns else "host", state_dir=str(state_dir),
                          cpus_per_node=cpus_per_node, gcs_port=gcs_port, dashboard_port=dashboard_port,
-                         mlflow_port=mlflow_port, subnet=subnet if use_netns else None)
+                         mlflow_port=mlflow_port, subnet=subnet if use_netns else None, head_cpus=head_cpus)
     # Token auth: this cluster's own token, never ~/.ray/auth_token of whoever runs it.
     state.token_path = str(write_token(state_dir))
     # Unix socket paths must stay short (<108 bytes): Ray's temp dir lives under /tmp, not the state dir.
@@ -243,7 +284,7 @@ def _start_all(state: ClusterState, names: list[str], timeout_s: float) -> None:
     start_mlflow(state)
     start_node(state, state.head, head=True)
     _wait("the Ray head", lambda: _http_get(f"{state.dashboard_url}/api/version", state.auth_headers()),
-          timeout_s, state.head.log)
+          timeout_s, state.head.log, died=lambda: not is_alive(state.head.pid, state.head.start_ticks))
     for node in state.nodes[1:]:
         start_node(state, node, head=False)
 
@@ -285,6 +326,59 @@ def restart_node(state_dir: Path, name: str, timeout_s: float = START_TIMEOUT_S)
           lambda: any(n["node_ip"] == node.ip and n["node_id"] not in before for n in alive_nodes(state)),
           timeout_s, node.log)
     return state
+
+
+# --------------------------------------------------------------------------------------------- drivers
+def driver_command(state: ClusterState, argv: list[str]) -> list[str]:
+    """`argv` as a Ray driver of this cluster: on the head node (in its namespace, in netns mode).
+
+    A driver in the host's namespace connects (`ray.init` finds the head through the files all nodes share on
+    this machine) but announces the head's address while listening on the host's: the worker nodes' calls back
+    to it (fetching an object it owns, e.g. a Ray Data block) go to the head's namespace and nothing answers,
+    so such a job hangs without an error. On the head it is what `ray job submit` does, minus the upload.
+    """
+    if state.mode == "netns":
+        return ["ip", "netns", "exec", state.head.netns, *argv]
+    return list(argv)
+
+
+def driver_env(state: ClusterState, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a driver started by `driver_command`: `base` (default: this process's) plus the cluster's
+    GCS address as RAY_ADDRESS, its token, its MLflow server, and the marker (so `down` stops a driver left
+    running)."""
+    env = dict(os.environ if base is None else base)
+    env.update(state.client_env())
+    env["RAY_ADDRESS"] = state.gcs_address
+    env[MARKER] = state.id
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python`: this one's
+    if state.mlflow_host:
+        env["MLFLOW_TRACKING_URI"] = state.mlflow_url
+    return env
+
+
+_STORE_STATS = """
+import json, sys
+from ray._private.internal_api import node_stats
+out = {}
+for ip, port in json.loads(sys.argv[1]):
+    s = node_stats(ip, port, include_memory_info=False).store_stats
+    out[ip] = {"created_bytes": s.cumulative_created_bytes, "spilled_bytes": s.spilled_bytes_total,
+               "restored_bytes": s.restored_bytes_total}
+print(json.dumps(out))
+"""
+
+
+def store_stats(state: ClusterState) -> dict[str, dict[str, int]]:
+    """Per node address, its object store's counters since the node started, asked of each raylet now (the
+    dashboard's copy lags up to 15 s): created_bytes (objects made there, those pulled from another node
+    included), spilled_bytes and restored_bytes (to and from disk when the store was full). Asked from a
+    short-lived process that carries the cluster's token, so this process's Ray stays as it is."""
+    nodes = [[n["node_ip"], n["node_manager_port"]] for n in alive_nodes(state)]
+    proc = subprocess.run([sys.executable, "-c", _STORE_STATS, json.dumps(nodes)], env=driver_env(state),
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ClusterError(f"reading the nodes' object-store counters failed: {proc.stderr.strip()[-500:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------------------------- stop

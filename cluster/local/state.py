@@ -60,6 +60,11 @@ class ClusterState:
     ray_temp_dir: str | None = None
     token_path: str | None = None
     ready: bool = False
+    head_cpus: float | None = None  # logical CPUs of the head node; None: cpus_per_node, like every worker
+
+    @property
+    def head_num_cpus(self) -> float:
+        return self.cpus_per_node if self.head_cpus is None else self.head_cpus
 
     @property
     def head(self) -> NodeState:
@@ -155,7 +160,8 @@ def describe(state: ClusterState) -> str:
     for node in state.nodes:
         where = f"netns {node.netns}" if node.netns else "host"
         alive = "running" if is_alive(node.pid, node.start_ticks) else "STOPPED"
-        lines.append(f"  {node.name:<5} {node.ip or '?':<15} {where:<24} pid {node.pid}  {alive}")
+        cpus = state.head_num_cpus if node is state.head else state.cpus_per_node
+        lines.append(f"  {node.name:<5} {node.ip or '?':<15} {where:<24} {cpus:g} CPU  pid {node.pid}  {alive}")
     alive = "running" if is_alive(state.mlflow_pid, state.mlflow_start_ticks) else "STOPPED"
     lines += [
         f"  mlflow {state.mlflow_host}:{state.mlflow_port}  pid {state.mlflow_pid}  {alive}",
@@ -168,6 +174,8 @@ def describe(state: ClusterState) -> str:
         f"  source {Path(state.state_dir) / ENV_FILE}",
         "Submit a job:",
         f"  {submit_hint(state)}",
+        "Or run a driver on the head (not from the host's namespace: see `h2ot cluster exec --help`):",
+        f"  h2ot cluster exec --state-dir {state.state_dir} -- python -m jobs.preprocess --source synthetic --out DIR",
         "Open the MLflow UI:",
         f"  xdg-open {state.mlflow_url}   # or: chromium --headless --dump-dom {state.mlflow_url}",
         f"Stop:  h2ot cluster down --state-dir {state.state_dir}",
