@@ -169,11 +169,15 @@ def test_cluster_sampler_counts_the_cpu_and_memory_of_marked_processes_only(tmp_
     """A marked process that burns ~0.6 s of CPU after the sampling began is counted (under `other`, its role);
     an unmarked one beside it is not."""
     marker = "scal" + os.urandom(3).hex()
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)"
+    go = tmp_path / "go"  # the processes burn only once the sampler has seen them (no race on a loaded machine)
+    burn = (f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.02)\n"
+            "t = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(30)")
     env = {**os.environ, local.MARKER: marker}
     with scaling.ClusterSampler(marker, interval_s=0.1) as sampler:
         procs = [subprocess.Popen([sys.executable, "-c", burn], env=env),
                  subprocess.Popen([sys.executable, "-c", burn])]
+        time.sleep(1.0)
+        go.touch()
         try:
             deadline = time.monotonic() + 30
             while sampler.cpu_s_by_role.get("other", 0) < 0.55 and time.monotonic() < deadline:
