@@ -19,6 +19,7 @@ import os
 import socket
 from typing import Any
 
+from cluster import ClusterError
 from cluster.procs import stop_descendants
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,13 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars
     common: dict[str, Any] = {"log_to_driver": log_to_driver, "configure_logging": configure_logging,
                               "runtime_env": {"env_vars": env} if env or pin_gcs_address else None}
     if address != "local":
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except ConnectionError as e:
+            raise ClusterError(f"cannot connect to the Ray cluster at {address} ({e}); is it up (`ray status`, "
+                               "`h2ot cluster status`)? A cluster with token authentication (Ray's default) also "
+                               "needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH in this environment (for h2ot "
+                               "cluster: source <state-dir>/env.sh)") from None
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     for attempt in range(1, start_attempts + 1):

@@ -248,6 +248,19 @@ def test_connect_picks_the_address_and_retries_only_a_startup_timeout(monkeypatc
     assert len(fake.inits) == 1
 
 
+def test_connect_to_a_cluster_that_refuses_is_one_line_naming_the_address_and_the_token(monkeypatch) -> None:
+    from cluster import ray_session
+
+    class Refused(FakeRay):
+        def init(self, **kwargs) -> None:
+            raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setitem(sys.modules, "ray", Refused())
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    with pytest.raises(ClusterError, match=r"10\.0\.0\.5:6379.*RAY_AUTH_TOKEN_PATH"):
+        ray_session.connect()
+
+
 def _node_cmds(state: cluster.ClusterState) -> dict[str, list[str]]:
     from cluster.local.nodes import _ray_cmd
 
