@@ -151,7 +151,7 @@ class OnnxPoseModel:
 
     training = False
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -160,6 +160,8 @@ class OnnxPoseModel:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:  # idle threads sleep instead of busy-waiting for the next run (other work shares the cores)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
