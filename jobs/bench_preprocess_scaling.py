@@ -161,17 +161,11 @@ def has_ray_only_bench() -> bool:
 
 # ------------------------------------------------------------------------------------------------ observing
 def pss_mb(pids: list[int]) -> float:
-    """Proportional set size of `pids` together, MB (shared pages split between the processes sharing them)."""
-    total_kb = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total_kb += int(line.split()[1])
-                    break
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-    return total_kb / 1024
+    """Proportional set size of `pids` together, MB (shared pages split between the processes sharing them);
+    processes gone meanwhile, or not ours to read, count 0."""
+    from pipelines.bench import process_pss_mb
+
+    return sum(mb for mb in map(process_pss_mb, pids) if mb is not None)
 
 
 def process_role(pid: int) -> str | None:

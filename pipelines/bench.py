@@ -164,8 +164,10 @@ class PssSampler:
             sample = {}
             for proc in procs:
                 try:
-                    sample[f"{proc.name()}:{proc.pid}"] = _pss_mb(proc)
-                except (self._psutil.Error, OSError):  # gone, or a zombie: it holds no memory
+                    mb = process_pss_mb(proc.pid)
+                    if mb is not None:  # else gone, or a zombie: it holds no memory
+                        sample[f"{proc.name()}:{proc.pid}"] = mb
+                except self._psutil.Error:
                     continue
             if sum(sample.values()) > self.peak_mb:
                 self.peak_mb = sum(sample.values())
@@ -174,17 +176,27 @@ class PssSampler:
         self.sampler_cpu_s = time.thread_time() - c0
 
 
-def _pss_mb(proc: Any) -> float:
+def process_pss_mb(pid: int) -> float | None:
     """PSS of a process in MB from /proc/PID/smaps_rollup (the kernel's sum: a fraction of the CPU that parsing
-    every mapping in /proc/PID/smaps, psutil's memory_full_info, takes on a 1 GB worker); psutil elsewhere."""
+    every mapping in /proc/PID/smaps, psutil's memory_full_info, takes on a 1 GB worker), psutil's where a kernel
+    has no smaps_rollup; None once the process is gone or not ours to read."""
     try:
-        with open(f"/proc/{proc.pid}/smaps_rollup", "rb") as f:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
             for line in f:
                 if line.startswith(b"Pss:"):
                     return int(line.split()[1]) / 1024  # kB
+        return None
     except FileNotFoundError:
-        pass
-    return proc.memory_full_info().pss / 2**20
+        if not os.path.isdir(f"/proc/{pid}"):
+            return None
+    except (OSError, ValueError, IndexError):
+        return None
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_full_info().pss / 2**20
+    except psutil.Error:
+        return None
 
 
 def cluster_raylets(address: str) -> list[int]:
