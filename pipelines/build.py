@@ -591,12 +591,12 @@ def _build(cfg: PreprocessConfig, out_path: Path, t0: float, timings: dict[str, 
             old = _read_own_manifest(out_path)
             inputs = hashes.result(timings)
             problem = verify_files(out_path, old)
-            if old["build_key"] == build_key(cfg, inputs) and problem is None:
+            same_key = old["build_key"] == build_key(cfg, inputs)
+            if same_key and problem is None:
                 log.info("%s is up to date (same inputs and config, shard hashes verified): nothing to do", out_path)
                 return {**old, "up_to_date": True}
             _check_replaceable(out_path, old)
-            log.info("rebuilding %s: %s", out_path, problem if old["build_key"] == build_key(cfg, inputs)
-                     else _what_changed(old, cfg, inputs))
+            log.info("rebuilding %s: %s", out_path, problem if same_key else _what_changed(old, cfg, inputs))
         elif out_path.exists() and any(out_path.iterdir()):
             raise PipelineError(f"{out_path} exists, is not empty and has no {MANIFEST}: not a shard folder; "
                                 "choose another --out or remove it")
