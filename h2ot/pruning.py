@@ -194,23 +194,41 @@ def frame_features(x: torch.Tensor) -> torch.Tensor:
     return _fp32(x[:, :, 0] if x.shape[2] == 1 else x.mean(dim=2))
 
 
-# torch.cdist's default switches from direct differences to the matrix-product formula above this many rows;
-# pairwise_distances keeps that switch so that eager results (and the frames kept) stay those of torch.cdist.
-CDIST_DIRECT_MAX_ROWS = 25
+# Up to this many elements a clip (frames^2 x channels: 4 MB) the distances are direct differences, accurate to
+# fp32's rounding of each distance; above (paper-size models: 243^2 x 512), the matrix-product formula.
+DIRECT_DISTANCES_MAX_ELEMENTS = 1 << 20
+
+
+def _diagonal(t: int, device: torch.device) -> torch.Tensor:
+    """[T, T] bool: the diagonal."""
+    return torch.eye(t, dtype=torch.bool, device=device)
 
 
 def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [B, T, T] between the rows of feat [B, T, C], as torch.cdist computes them, written
-    with ops that export to ONNX (cdist does not): direct differences for up to 25 rows, else
-    sqrt(max(0, |a|^2 + |b|^2 - 2 a.b)) as one matrix product, the formula cdist uses there."""
-    t = feat.shape[1]
-    if t <= CDIST_DIRECT_MAX_ROWS:
+    """Euclidean distances [B, T, T] between the rows of feat [B, T, C], exactly symmetric with an exact zero
+    diagonal, in ops that export to ONNX (torch.cdist does not).
+
+    Why: DPC-kNN compares densities and scores built from these distances, and two runtimes (PyTorch, ONNX
+    Runtime) must rank them the same way. Direct differences, up to DIRECT_DISTANCES_MAX_ELEMENTS, are exactly
+    symmetric and accurate to the last bits. The matrix-product formula sqrt(|a|^2 + |b|^2 - 2 a.b), which is what
+    larger inputs can afford, is neither: it loses the digits that a and b share (the distance between close
+    frames of a trained model could be off by 1e-4 of itself, and rounded differently in each runtime), and it
+    rounds d(a, b) and d(b, a) differently. So the features are first centred on their mean frame (distances
+    unchanged, far fewer digits shared), the matrix is averaged with its transpose (a + b == b + a in floating
+    point) and its diagonal set to 0. Symmetry matters because with k = 2 the densities of two frames that are
+    each other's nearest neighbours are equal: exactly equal, every runtime breaks the tie by frame index; equal
+    up to rounding, the runtimes kept different frames."""
+    b, t, c = feat.shape
+    if t * t * c <= DIRECT_DISTANCES_MAX_ELEMENTS:
         return (feat.unsqueeze(2) - feat.unsqueeze(1)).pow(2).sum(dim=-1).sqrt()
+    feat = feat - feat.mean(dim=1, keepdim=True)
     sq = feat.pow(2).sum(dim=-1, keepdim=True)  # [B, T, 1]
     ones = torch.ones_like(sq)
     left = torch.cat([feat * -2, sq, ones], dim=-1)
     right = torch.cat([feat, ones, sq], dim=-1)
-    return torch.bmm(left, right.transpose(1, 2)).clamp(min=0.0).sqrt()
+    dist = torch.bmm(left, right.transpose(1, 2)).clamp(min=0.0).sqrt()
+    dist = (dist + dist.transpose(1, 2)) * 0.5
+    return dist.masked_fill(length_constant("diagonal", t, feat.device, _diagonal), 0.0)
 
 
 @register_tpm("dpc_knn")

@@ -71,15 +71,11 @@ def test_export_round_trip_one_per_backbone(tmp_path: Path, backbone: str) -> No
     _round_trip(tmp_path, _cfg(**SMALL[backbone]))
 
 
-# Known defect (found by this matrix, not fixed yet): the frame-token model with DPC-kNN keeps other frames in ONNX
-# Runtime than in PyTorch on 2 of these 5 windows (the two runtimes' distance sums differ in the last bits and a
-# near-tie in density or delta flips). `h2ot export` refuses such a file (its verification), so no wrong file is
-# written; the test is strict, so it reports the fix.
-KNOWN_KEPT_FLIPS = {("frameformer", "dpc_knn")}
+# Every exportable combination. DPC-kNN on the frame-token model once kept other frames in ONNX Runtime than in
+# PyTorch (2 of 5 windows): mutual nearest neighbours had densities equal up to rounding, and the two runtimes
+# rounded them the other way; h2ot.pruning.pairwise_distances now makes such ties exact.
 EXPORTABLE = [
-    pytest.param(backbone, tpm, trm, marks=[pytest.mark.xfail(
-        strict=True, reason="frame tokens + DPC-kNN: kept frames flip between runtimes on near-ties")]
-        if (backbone, tpm) in KNOWN_KEPT_FLIPS else [])
+    (backbone, tpm, trm)
     for backbone, tpm, trm in itertools.product(sorted(SMALL), sorted(TPM_REGISTRY), sorted(TRM_REGISTRY))
     if backbone != "mlp" and TPM_REGISTRY[tpm].exportable and TRM_REGISTRY[trm].exportable
 ]

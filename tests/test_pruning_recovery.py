@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from h2ot.config import ModelConfig
+from h2ot.config import ModelConfig, config_from_dict
+from h2ot.models import build_model
 from h2ot.pruning import TPM_REGISTRY, pairwise_distances, top_n_by_rank, top_n_in_time_order
 from h2ot.recovery import TRM_REGISTRY, TokenRecovery, _neighbours
 
@@ -109,12 +110,36 @@ def test_top_n_in_time_order_matches_a_stable_sort_with_ties(seed: int) -> None:
             assert torch.equal(top_n_by_rank(scores, n), _stable_top_n(scores, n)), (t, n)  # the traced form
 
 
-@pytest.mark.parametrize("t", [3, 25, 26, 81, 243])
-def test_pairwise_distances_match_cdist(t: int) -> None:
-    feat = torch.randn(2, t, 32, generator=torch.Generator().manual_seed(t)) * 2 + 0.5
-    torch.testing.assert_close(pairwise_distances(feat), torch.cdist(feat, feat), rtol=1e-5, atol=1e-5)
-    if t > 25:  # the same formula as cdist there, to the bit
-        assert torch.equal(pairwise_distances(feat), torch.cdist(feat, feat))
+@pytest.mark.parametrize(("t", "c"), [(3, 32), (27, 64), (81, 64), (27, 2048), (243, 32), (243, 512)])
+def test_pairwise_distances_are_exact_symmetric_and_accurate(t: int, c: int) -> None:
+    """Both paths (direct differences; the product formula past DIRECT_DISTANCES_MAX_ELEMENTS) on features with a
+    large shared part, as a trained model's frames have: close to float64 distances, exactly symmetric, zero on
+    the diagonal. torch.cdist's product formula is neither symmetric nor zero there (it leaves the square root of
+    |a|^2 - |a|^2's rounding)."""
+    g = torch.Generator().manual_seed(t + c)
+    feat = torch.randn(2, t, c, generator=g) * 0.05 + torch.randn(1, 1, c, generator=g) * 3
+    dist = pairwise_distances(feat)
+    truth = torch.cdist(feat.double(), feat.double()).masked_fill(torch.eye(t, dtype=torch.bool), 0)
+    torch.testing.assert_close(dist.double(), truth, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dist, dist.transpose(1, 2))
+    assert torch.all(dist.diagonal(dim1=1, dim2=2) == 0)
+
+
+def test_dpc_knn_keeps_the_same_frames_when_the_input_moves_by_rounding() -> None:
+    """k = 2: a frame and its nearest neighbour have the same density when each is the other's nearest
+    neighbour, so which one is denser (and which frames are kept) must not depend on how distances round. An
+    untrained frame-token model (nearly equal frame features) kept other frames on 12 of these 32 windows under a
+    1e-7 relative change of its input while the product formula's distances were not symmetric."""
+    cfg = config_from_dict({"kind": "model", "model": dict(
+        backbone="frameformer", frames=27, dim=32, depth=3, heads=4, schedule=[[1, 13], [2, 5]], tpm="dpc_knn",
+        trm="nearest")}).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randn(32, cfg.frames, cfg.joints, cfg.in_channels, generator=torch.Generator().manual_seed(5)) * 0.3
+    with torch.no_grad():
+        kept, moved = model(x).kept_indices, model(x * (1 + 1e-7)).kept_indices
+    for a, b in zip(kept, moved):
+        assert torch.equal(a, b)
 
 
 def test_neighbours_match_searchsorted() -> None:

@@ -23,12 +23,11 @@ from h2ot.recovery import TRM_REGISTRY, interpolation_weights
 
 
 def reference_distances(feat: torch.Tensor) -> torch.Tensor:
-    """[T, T] Euclidean distances of one clip's frame features [T, C]: torch.cdist's own result above 25 rows (the
-    matrix-product formula), each pair's differences summed up to 25 rows."""
+    """[T, T] Euclidean distances of one clip's frame features [T, C]: each pair's differences summed, in float64."""
     t = feat.shape[0]
-    if t > 25:
-        return torch.cdist(feat[None], feat[None])[0]
-    return torch.stack([torch.stack([(feat[i] - feat[j]).pow(2).sum().sqrt() for j in range(t)]) for i in range(t)])
+    feat = feat.double()
+    return torch.stack([torch.stack([(feat[i] - feat[j]).pow(2).sum().sqrt() for j in range(t)])
+                        for i in range(t)]).float()
 
 
 def reference_dpc_knn_scores(x: torch.Tensor, k: int) -> torch.Tensor:
