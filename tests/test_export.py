@@ -221,3 +221,14 @@ def test_fused_attention_op_computes_what_the_layer_computes() -> None:
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(recorded, ref, atol=1e-6, rtol=0)
     assert sink[ATTENTION_RECEIVED].shape == (6, 11)
+
+
+def test_export_cli_standard_ops_writes_no_contrib_node(tmp_path: Path, capsys) -> None:
+    cfg = _cfg(preset="mixste_tiny")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model(cfg), cfg)
+    out = tmp_path / "model.onnx"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--windows", "4", "--standard-ops",
+                        "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert not any(domain for domain, _ in _node_domains(out)) and "fused_attention" not in read_metadata(out)
