@@ -262,6 +262,9 @@ class OnnxPoseModel:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.cfg = config_from_metadata(self.metadata, str(self.path))
         self._outputs = [o.name for o in self.session.get_outputs()]
+        if "fused_attention" not in self.metadata and self.cfg.backbone != "mlp":
+            log.info("%s: self-attention in standard ONNX operators (exported with --standard-ops or before fused "
+                     "attention); `h2ot export` writes the faster fused graph", self.path)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})

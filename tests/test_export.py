@@ -223,7 +223,7 @@ def test_fused_attention_op_computes_what_the_layer_computes() -> None:
     assert sink[ATTENTION_RECEIVED].shape == (6, 11)
 
 
-def test_export_cli_standard_ops_writes_no_contrib_node(tmp_path: Path, capsys) -> None:
+def test_export_cli_standard_ops_writes_no_contrib_node(tmp_path: Path, capsys, caplog) -> None:
     cfg = _cfg(preset="mixste_tiny")
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "model.pt", build_model(cfg), cfg)
@@ -232,3 +232,6 @@ def test_export_cli_standard_ops_writes_no_contrib_node(tmp_path: Path, capsys) 
                         "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]
     assert not any(domain for domain, _ in _node_domains(out)) and "fused_attention" not in read_metadata(out)
+    with caplog.at_level("INFO", logger="h2ot.export"):
+        OnnxPoseModel(out)
+    assert "standard ONNX operators" in caplog.text
