@@ -13,8 +13,9 @@ input and these outputs (every one [batch, ...]):
 The file's metadata (`read_metadata`) says what the model expects and where it came from: frames, joints, input
 channels and layout, schedule, TPM, TRM, the model config as JSON, the checkpoint's SHA-256 and the code revision.
 `OnnxPoseModel` runs such a file and returns `PoseOutput` like a torch model, so `h2ot.models.predict`,
-`h2ot.inference.infer_sequence` and evaluation loops take it unchanged. Needs the `export` extra
-(onnx, onnxscript, onnxruntime), imported only here and only when called.
+`h2ot.inference.infer_sequence` and evaluation loops take it unchanged. Self-attention layers are written as ONNX
+Runtime's fused com.microsoft Attention node (`fused_attention`; `fuse_attention=False` for standard operators).
+Needs the `export` extra (onnx, onnxscript, onnxruntime), imported only here and only when called.
 """
 
 from __future__ import annotations
