@@ -13,13 +13,16 @@ input and these outputs (every one [batch, ...]):
 The file's metadata (`read_metadata`) says what the model expects and where it came from: frames, joints, input
 channels and layout, schedule, TPM, TRM, the model config as JSON, the checkpoint's SHA-256 and the code revision.
 `OnnxPoseModel` runs such a file and returns `PoseOutput` like a torch model, so `h2ot.models.predict`,
-`h2ot.inference.infer_sequence` and evaluation loops take it unchanged. Needs the `export` extra
-(onnx, onnxscript, onnxruntime), imported only here and only when called.
+`h2ot.inference.infer_sequence` and evaluation loops take it unchanged. Self-attention layers are written as ONNX
+Runtime's fused com.microsoft Attention node (`fused_attention`; `fuse_attention=False` for standard operators).
+Needs the `export` extra (onnx, onnxscript, onnxruntime), imported only here and only when called.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -68,6 +71,91 @@ def check_exportable(cfg: ModelConfig) -> None:
         raise ExportError(f"model.trm {cfg.trm!r} cannot be exported to ONNX")
 
 
+# --------------------------------------------------------------------------------- fused self-attention
+# Exported plainly, one self-attention layer is a chain of about 20 nodes (qkv MatMul, bias Add, Reshape, Transpose,
+# three Slice+Squeeze, a Reshape/Transpose/Reshape for K^T, two scaling Muls, MatMul, Softmax, MatMul, Transpose,
+# Reshape), and ONNX Runtime spends a quarter of a paper-size MixSTE's time outside its MatMuls, most of it copying
+# q, k and v between layouts. ONNX Runtime's com.microsoft Attention kernel computes the same thing (qkv projection
+# with packed weights, softmax(q k^T / sqrt(d)) v per head, heads merged) in one node. The exporter writes that node
+# for every `h2ot.layers.Attention` that does not record attention (an attention-scored TPM reads the weights):
+# each such layer's qkv projection and attention go through the custom op h2ot::self_attention while exporting,
+# and the op is translated to the contrib node. Eager models never call the op.
+ORT_CONTRIB_DOMAIN = "com.microsoft"
+_op_registered = False
+
+
+def _self_attention_op():
+    """The custom op h2ot::self_attention(x [N, L, C], qkv_weight [3C, C], qkv_bias [3C], heads) -> [N, L, C]: what
+    `Attention.forward` computes before its output projection (registered on first use)."""
+    global _op_registered
+    if not _op_registered:
+        import torch.nn.functional as F
+
+        @torch.library.custom_op("h2ot::self_attention", mutates_args=())
+        def self_attention(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor,
+                           heads: int) -> torch.Tensor:
+            n, length, _ = x.shape
+            dim = qkv_weight.shape[0] // 3
+            qkv = F.linear(x, qkv_weight, qkv_bias).view(n, length, 3, heads, dim // heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, dim)
+
+        @self_attention.register_fake
+        def _(x, qkv_weight, qkv_bias, heads):
+            return x.new_empty(x.shape[0], x.shape[1], qkv_weight.shape[0] // 3)
+
+        _op_registered = True
+    return torch.ops.h2ot.self_attention.default
+
+
+def _ort_attention(x, qkv_weight, qkv_bias, heads: int):
+    """h2ot::self_attention as ONNX Runtime's contrib Attention (weights [C, 3C]: q, k, v columns, heads inside)."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    attention = onnxscript.values.Op(onnxscript.values.Opset(ORT_CONTRIB_DOMAIN, 1), "Attention",
+                                     _contrib_attention_schema())
+    return attention(x, op.Transpose(qkv_weight, perm=[1, 0]), qkv_bias, num_heads=heads)
+
+
+def _contrib_attention_schema():
+    """The part of com.microsoft Attention's signature used here (onnx ships no schema for contrib ops; ONNX
+    Runtime's own: input [B, S, C], weights [C, 3C], bias [3C], attribute num_heads -> output [B, S, C])."""
+    from onnx.defs import OpSchema
+
+    def tensor(name: str) -> OpSchema.FormalParameter:
+        return OpSchema.FormalParameter(name, "T")
+
+    return OpSchema(
+        "Attention", ORT_CONTRIB_DOMAIN, 1,
+        inputs=[tensor("input"), tensor("weights"), tensor("bias")], outputs=[tensor("output")],
+        type_constraints=[("T", ["tensor(float)"], "float32 only here")],
+        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of attention heads")],
+    )
+
+
+def _fused_forward(module: nn.Module, plain, x: torch.Tensor, attn_sink: dict | None = None) -> torch.Tensor:
+    if attn_sink is not None or module.training:
+        return plain(x, attn_sink)
+    return module.proj(_self_attention_op()(x, module.qkv.weight, module.qkv.bias, module.heads))
+
+
+@contextlib.contextmanager
+def fused_attention(model: nn.Module):
+    """While exporting: every h2ot.layers.Attention of `model` computes its attention through h2ot::self_attention
+    (exported as one com.microsoft Attention node); restored afterwards."""
+    from h2ot.layers import Attention
+
+    patched = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in patched:
+        m.forward = functools.partial(_fused_forward, m, m.forward)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 class _GraphOutputs(nn.Module):
     """The model's PoseOutput as the flat tuple of tensors a graph returns (see output_names)."""
 
@@ -81,9 +169,12 @@ class _GraphOutputs(nn.Module):
 
 
 def export_onnx(model: nn.Module, cfg: ModelConfig, path: str | Path, metadata: dict[str, str] | None = None,
-                opset: int | None = None) -> Path:
+                opset: int | None = None, fuse_attention: bool = True) -> Path:
     """Write `model` (eval mode) as one ONNX graph with a dynamic batch axis; `metadata` is added to the file's
-    own (model_metadata). Returns the path."""
+    own (model_metadata). Returns the path.
+
+    `fuse_attention`: self-attention layers as ONNX Runtime's com.microsoft Attention node (see fused_attention);
+    False writes standard ONNX operators only (for runtimes other than ONNX Runtime)."""
     import onnx
 
     check_exportable(cfg)
@@ -94,7 +185,9 @@ def export_onnx(model: nn.Module, cfg: ModelConfig, path: str | Path, metadata: 
     example.normal_(generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1)
     kwargs = {"opset_version": opset} if opset else {}
-    with torch.no_grad():
+    if fuse_attention:
+        kwargs["custom_translation_table"] = {_self_attention_op(): _ort_attention}
+    with torch.no_grad(), fused_attention(model) if fuse_attention else contextlib.nullcontext():
         program = torch.onnx.export(
             _GraphOutputs(model).eval(), (example,), input_names=[INPUT_NAME], output_names=output_names(cfg),
             dynamic_shapes=({0: batch},), dynamo=True, verbose=False, **kwargs,
@@ -104,6 +197,9 @@ def export_onnx(model: nn.Module, cfg: ModelConfig, path: str | Path, metadata: 
     program.save(str(path))
     proto = onnx.load(str(path))
     meta = {**model_metadata(cfg), **(metadata or {})}
+    fused = sum(n.domain == ORT_CONTRIB_DOMAIN and n.op_type == "Attention" for n in proto.graph.node)
+    if fused:
+        meta["fused_attention"] = f"{fused} {ORT_CONTRIB_DOMAIN} Attention nodes (ONNX Runtime only)"
     onnx.helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})
     onnx.save(proto, str(path))
     return path
@@ -167,6 +263,9 @@ class OnnxPoseModel:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.cfg = config_from_metadata(self.metadata, str(self.path))
         self._outputs = [o.name for o in self.session.get_outputs()]
+        if "fused_attention" not in self.metadata and self.cfg.backbone != "mlp":
+            log.info("%s: self-attention in standard ONNX operators (exported with --standard-ops or before fused "
+                     "attention); `h2ot export` writes the faster fused graph", self.path)
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
@@ -219,15 +318,16 @@ def compare(model: nn.Module, exported: OnnxPoseModel, windows: torch.Tensor, ba
 
 
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """ONNX Runtime's dynamic int8 quantization of the MatMul / Gemm weights (activations quantized on the fly);
-    the metadata is kept."""
+    """ONNX Runtime's dynamic int8 quantization of the MatMul / Gemm / fused Attention weights (activations quantized
+    on the fly); the metadata is kept."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    ops = ["MatMul", "Gemm", "Attention"]  # a fused Attention's qkv weights become com.microsoft QAttention's
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
     meta = read_metadata(src)
-    meta["precision"] = "int8 dynamic (weights QInt8; MatMul, Gemm)"
+    meta["precision"] = f"int8 dynamic (weights QInt8; {', '.join(ops)})"
     proto = onnx.load(str(dst))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, meta)

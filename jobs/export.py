@@ -1,6 +1,6 @@
 """`h2ot export`: a checkpoint -> one ONNX graph (pruning inside), verified against PyTorch before it is kept.
 
-    h2ot export --checkpoint runs/h2ot_small/model.pt --out model.onnx [--data SHARDS] [--int8]
+    h2ot export --checkpoint runs/h2ot_small/model.pt --out model.onnx [--data SHARDS] [--int8] [--standard-ops]
 
 The graph holds the whole forward pass — TPM scoring, top-n selection, gather, TRM — with a dynamic batch axis
 (h2ot/export.py documents its inputs, outputs and metadata). After writing it, the command runs PyTorch and ONNX
@@ -8,7 +8,8 @@ Runtime on the same windows: real ones from `--data` (the test split of `h2ot pr
 ones, and fails (exit 1, the file removed) unless every joint agrees within `--tolerance` metres and every window
 keeps the same frames. With `--data`, the report also gives both models' MPJPE on those windows; `--int8` also
 writes MODEL.int8.onnx (ONNX Runtime dynamic quantization) and reports its MPJPE and kept-frame agreement, which
-measures what int8 costs. docs/DEPLOY.md.
+measures what int8 costs. Self-attention is written as ONNX Runtime's fused com.microsoft Attention node
+(h2ot/export.py); `--standard-ops` keeps standard ONNX operators for other runtimes. docs/DEPLOY.md.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def quiet_exporter():
         log.debug("exporter output:\n%s", captured.getvalue())
 
 
-def write_onnx(checkpoint: str, out: str | Path):
-    """Export `checkpoint` to `out` with the provenance metadata -> (torch model, cfg, path)."""
+def write_onnx(checkpoint: str, out: str | Path, standard_ops: bool = False):
+    """Export `checkpoint` to `out` with the provenance metadata -> (torch model, cfg, path). `standard_ops`: no
+    ONNX Runtime contrib node (the fused attention), for other runtimes."""
     from h2ot.export import ExportError, export_onnx
     from jobs.tracking import git_revision
 
@@ -64,7 +66,7 @@ def write_onnx(checkpoint: str, out: str | Path):
             "code_revision": git_revision()}
     try:
         with quiet_exporter():
-            path = export_onnx(model, cfg, out, meta)
+            path = export_onnx(model, cfg, out, meta, fuse_attention=not standard_ops)
     except ExportError as e:
         raise UserError(f"--checkpoint {checkpoint}: {e}") from None
     return model, cfg, path
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE_M,
                    help="largest |ONNX - PyTorch| accepted, metres (default %(default)s)")
     p.add_argument("--int8", action="store_true", help="also write OUT.int8.onnx (dynamic int8) and measure it")
+    p.add_argument("--standard-ops", action="store_true",
+                   help="standard ONNX operators only: self-attention unfused (slower in ONNX Runtime; for other "
+                        "runtimes)")
     p.add_argument("--json", action="store_true", help="print the verification as one JSON object")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.suffix != ".onnx":
         raise UserError(f"--out {out}: give a file name ending in .onnx")
-    model, cfg, path = write_onnx(args.checkpoint, out)
+    model, cfg, path = write_onnx(args.checkpoint, out, args.standard_ops)
     windows, shards = verification_windows(cfg, args.data, args.windows)
     report = {"onnx": str(path), **verify(model, cfg, path, windows, shards, args.tolerance)}
     if not report["ok"]:

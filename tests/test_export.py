@@ -166,3 +166,68 @@ def test_bench_runs_every_runtime_and_precision_side_by_side(tmp_path: Path, cap
                                              for r in ("eager_bf16", "onnx_fp32", "onnx_int8")}
     assert bench_main(["--runtime", "tpu"]) == 2
     assert "--runtime" in capsys.readouterr().err
+
+
+def _node_domains(path: Path) -> list[tuple[str, str]]:
+    import onnx
+
+    return [(n.domain, n.op_type) for n in onnx.load(str(path)).graph.node]
+
+
+@pytest.mark.parametrize("schedule", [[], [[1, 13], [2, 5]]])
+def test_fused_attention_graph_is_leaner_and_agrees_with_plain(tmp_path: Path, schedule) -> None:
+    """Every self-attention of a MixSTE exports as one com.microsoft Attention node (no Softmax left in a full model);
+    the fused and the standard-ops graphs both agree with PyTorch and keep the same frames."""
+    cfg = _cfg(**{**SMALL["mixste"], "schedule": schedule})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    fused = export_onnx(model, cfg, tmp_path / "fused.onnx")
+    plain = export_onnx(model, cfg, tmp_path / "plain.onnx", fuse_attention=False)
+    fused_nodes, plain_nodes = _node_domains(fused), _node_domains(plain)
+    assert fused_nodes.count(("com.microsoft", "Attention")) == 2 * cfg.depth
+    assert not any(domain for domain, _ in plain_nodes)  # standard ONNX only
+    assert len(plain_nodes) - len(fused_nodes) >= 10 * 2 * cfg.depth  # about 20 nodes become 1 per attention
+    if not schedule:
+        assert ("", "Softmax") not in fused_nodes
+    assert read_metadata(fused)["fused_attention"].startswith(f"{2 * cfg.depth} com.microsoft Attention")
+    assert "fused_attention" not in read_metadata(plain)
+    x = _windows(cfg, 5, seed=3)
+    for path in (fused, plain):
+        agreement = compare(model, OnnxPoseModel(path), x, batch_size=5)
+        assert agreement.kept_equal and agreement.max_abs_diff_m <= TOLERANCE_M, (path.name, agreement)
+
+
+def test_fused_attention_op_computes_what_the_layer_computes() -> None:
+    """The export-time op h2ot::self_attention is the layer's own attention (eager, same inputs), and leaving the
+    context restores the layer; a layer that records attention for a TPM keeps its explicit path."""
+    from h2ot.export import fused_attention
+    from h2ot.layers import ATTENTION_RECEIVED, Attention
+
+    torch.manual_seed(0)
+    layer = Attention(32, 4).eval()
+    x = torch.randn(6, 11, 32)
+    with torch.no_grad():
+        ref = layer(x)
+        with fused_attention(layer):
+            assert "forward" in vars(layer)
+            got = layer(x)
+            sink: dict = {}
+            recorded = layer(x, sink)
+        assert "forward" not in vars(layer)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(recorded, ref, atol=1e-6, rtol=0)
+    assert sink[ATTENTION_RECEIVED].shape == (6, 11)
+
+
+def test_export_cli_standard_ops_writes_no_contrib_node(tmp_path: Path, capsys, caplog) -> None:
+    cfg = _cfg(preset="mixste_tiny")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "model.pt", build_model(cfg), cfg)
+    out = tmp_path / "model.onnx"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--windows", "4", "--standard-ops",
+                        "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
+    assert not any(domain for domain, _ in _node_domains(out)) and "fused_attention" not in read_metadata(out)
+    with caplog.at_level("INFO", logger="h2ot.export"):
+        OnnxPoseModel(out)
+    assert "standard ONNX operators" in caplog.text
