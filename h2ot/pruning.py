@@ -194,41 +194,26 @@ def frame_features(x: torch.Tensor) -> torch.Tensor:
     return _fp32(x[:, :, 0] if x.shape[2] == 1 else x.mean(dim=2))
 
 
-# Up to this many elements a clip (frames^2 x channels: 4 MB) the distances are direct differences, accurate to
-# fp32's rounding of each distance; above (paper-size models: 243^2 x 512), the matrix-product formula.
-DIRECT_DISTANCES_MAX_ELEMENTS = 1 << 20
-
-
-def _diagonal(t: int, device: torch.device) -> torch.Tensor:
-    """[T, T] bool: the diagonal."""
-    return torch.eye(t, dtype=torch.bool, device=device)
-
-
 def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [B, T, T] between the rows of feat [B, T, C], exactly symmetric with an exact zero
-    diagonal, in ops that export to ONNX (torch.cdist does not).
+    """Euclidean distances [B, T, T] (fp32) between the rows of feat [B, T, C], exactly symmetric with an exact
+    zero diagonal, in ops that export to ONNX (torch.cdist does not).
 
     Why: DPC-kNN compares densities and scores built from these distances, and two runtimes (PyTorch, ONNX
-    Runtime) must rank them the same way. Direct differences, up to DIRECT_DISTANCES_MAX_ELEMENTS, are exactly
-    symmetric and accurate to the last bits. The matrix-product formula sqrt(|a|^2 + |b|^2 - 2 a.b), which is what
-    larger inputs can afford, is neither: it loses the digits that a and b share (the distance between close
-    frames of a trained model could be off by 1e-4 of itself, and rounded differently in each runtime), and it
-    rounds d(a, b) and d(b, a) differently. So the features are first centred on their mean frame (distances
-    unchanged, far fewer digits shared), the matrix is averaged with its transpose (a + b == b + a in floating
-    point) and its diagonal set to 0. Symmetry matters because with k = 2 the densities of two frames that are
-    each other's nearest neighbours are equal: exactly equal, every runtime breaks the tie by frame index; equal
-    up to rounding, the runtimes kept different frames."""
-    b, t, c = feat.shape
-    if t * t * c <= DIRECT_DISTANCES_MAX_ELEMENTS:
-        return (feat.unsqueeze(2) - feat.unsqueeze(1)).pow(2).sum(dim=-1).sqrt()
-    feat = feat - feat.mean(dim=1, keepdim=True)
-    sq = feat.pow(2).sum(dim=-1, keepdim=True)  # [B, T, 1]
-    ones = torch.ones_like(sq)
-    left = torch.cat([feat * -2, sq, ones], dim=-1)
-    right = torch.cat([feat, ones, sq], dim=-1)
-    dist = torch.bmm(left, right.transpose(1, 2)).clamp(min=0.0).sqrt()
-    dist = (dist + dist.transpose(1, 2)) * 0.5
-    return dist.masked_fill(length_constant("diagonal", t, feat.device, _diagonal), 0.0)
+    Runtime) must rank them the same way. The matrix-product formula |a|^2 + |b|^2 - 2 a.b is the only one whose
+    cost does not grow with T^2 x C of memory (direct differences materialise [B, T, T, C]: 48 MB for 64 clips of
+    the frame-token model, slower than its blocks), but in fp32 it loses the digits a and b share (a trained
+    model's close frames were off by 5e-5 of their distance, rounded differently in each runtime). So it runs in
+    float64 (fp32 products are exact there; what is lost is ~1e-16 of |a|^2, far below fp32's rounding of the
+    result), on a Gram matrix averaged with its transpose (exactly symmetric) whose own diagonal gives |a|^2 (so
+    d(a, a) = 0 exactly). Symmetry matters because with k = 2 the densities of two frames that are each other's
+    nearest neighbours are equal: exactly equal, every runtime breaks the tie by frame index; equal up to
+    rounding, the runtimes kept different frames. float64 also keeps a GPU's TF32 matrix products out of it."""
+    f = feat.double()
+    gram2 = torch.bmm(f, f.transpose(1, 2))
+    gram2 = gram2 + gram2.transpose(1, 2)  # 2 a.b, exactly symmetric
+    sq2 = gram2.diagonal(dim1=1, dim2=2)  # 2 |a|^2: the same numbers, so the diagonal below is exactly 0
+    dist2 = (sq2.unsqueeze(2) + sq2.unsqueeze(1)).sub_(gram2, alpha=2)  # 2 |a - b|^2
+    return dist2.clamp_(min=0.0).mul_(0.5).sqrt_().float()
 
 
 @register_tpm("dpc_knn")
