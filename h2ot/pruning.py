@@ -211,7 +211,10 @@ def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
     f = feat.double()
     gram2 = torch.bmm(f, f.transpose(1, 2))
     gram2 = gram2 + gram2.transpose(1, 2)  # 2 a.b, exactly symmetric
-    sq2 = gram2.diagonal(dim1=1, dim2=2)  # 2 |a|^2: the same numbers, so the diagonal below is exactly 0
+    t = feat.shape[1]
+    # 2 |a|^2: the diagonal's own numbers, so the result's diagonal is exactly 0 (as a strided view: two ONNX nodes,
+    # where `diagonal` exports as fourteen)
+    sq2 = gram2.reshape(-1, t * t)[:, :: t + 1]
     dist2 = (sq2.unsqueeze(2) + sq2.unsqueeze(1)).sub_(gram2, alpha=2)  # 2 |a - b|^2
     return dist2.clamp_(min=0.0).mul_(0.5).sqrt_().float()
 
