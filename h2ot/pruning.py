@@ -166,9 +166,12 @@ def top_n_in_time_order(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Positions [B, n] of the n highest scores [B, T], in time order; equal scores rank by position (the lower
     first), as a stable descending sort would.
 
-    Eager mode runs that stable sort (three ops); a traced graph (torch.export for ONNX, torch.compile) runs
-    `top_n_by_rank`, which gives the same positions (tests/test_pruning_reference.py checks the two on ties) with
-    ops that export."""
+    Eager mode runs that stable sort (three ops). An ONNX export writes TopK, whose specification breaks ties
+    toward the lower index, as the stable sort does (two nodes; tests/test_export.py checks it on ties). Under
+    torch.compile, whose top-k promises no order among ties, `top_n_by_rank` gives the same positions
+    (tests/test_pruning_reference.py checks it on ties)."""
+    if torch.onnx.is_in_onnx_export():
+        return scores.topk(n, dim=1).indices.sort(dim=1).values
     if torch.compiler.is_compiling():
         return top_n_by_rank(scores, n)
     return scores.argsort(dim=1, descending=True, stable=True)[:, :n].sort(dim=1).values

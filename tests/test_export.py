@@ -20,7 +20,7 @@ from h2ot.checkpoint import save_checkpoint  # noqa: E402
 from h2ot.config import config_from_dict  # noqa: E402
 from h2ot.export import ExportError, OnnxPoseModel, check_exportable, compare, export_onnx, read_metadata  # noqa: E402
 from h2ot.models import MODEL_REGISTRY, build_model, predict  # noqa: E402
-from h2ot.pruning import TPM_REGISTRY  # noqa: E402
+from h2ot.pruning import TPM_REGISTRY, top_n_in_time_order  # noqa: E402
 from h2ot.recovery import TRM_REGISTRY  # noqa: E402
 from jobs.export import main as export_main  # noqa: E402
 
@@ -231,3 +231,30 @@ def test_export_cli_standard_ops_writes_no_contrib_node(tmp_path: Path, capsys, 
     with caplog.at_level("INFO", logger="h2ot.export"):
         OnnxPoseModel(out)
     assert "standard ONNX operators" in caplog.text
+
+
+class _TopN(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return top_n_in_time_order(scores, self.n)
+
+
+@pytest.mark.parametrize("n", [1, 9, 27])
+def test_exported_top_n_breaks_ties_like_a_stable_sort(tmp_path: Path, n: int) -> None:
+    """The exported selection is ONNX's TopK, whose ties go to the lower index: on scores with many ties (and an
+    inf, as a kept centre frame has) ONNX Runtime keeps the positions PyTorch's stable sort keeps."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(n)
+    tied = torch.randint(0, 4, (16, 27), generator=g).float()
+    tied[::3, 13] = torch.inf
+    path = tmp_path / "top_n.onnx"
+    with torch.no_grad():
+        torch.onnx.export(_TopN(n), (tied,), dynamo=True, verbose=False, input_names=["scores"],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)).save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"scores": tied.numpy()})[0]
+    np.testing.assert_array_equal(exported, top_n_in_time_order(tied, n).numpy())
