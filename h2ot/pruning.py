@@ -178,10 +178,10 @@ def top_n_in_time_order(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def top_n_by_rank(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """top_n_in_time_order with comparisons and top-k on distinct keys, which export to ONNX (a stable sort does
-    not) and give the same positions in every runtime: the rank of token i is the number of tokens that beat it (a
-    higher score, or the same score earlier); the n tokens of rank < n get the key T - i (distinct, > 0) and the
-    rest 0, so top-k of the keys lists the kept tokens from the earliest on."""
+    """top_n_in_time_order with comparisons and a top-k on distinct keys (for torch.compile, whose sorts and top-k
+    promise no order among ties), the same positions in every runtime: the rank of token i is the number of tokens
+    that beat it (a higher score, or the same score earlier); the n tokens of rank < n get the key T - i (distinct,
+    > 0) and the rest 0, so top-k of the keys lists the kept tokens from the earliest on."""
     t, device = scores.shape[1], scores.device
     s_i, s_j = scores.unsqueeze(2), scores.unsqueeze(1)
     # j beats i: a higher score, or the same score earlier
@@ -207,7 +207,7 @@ def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
     the frame-token model, slower than its blocks), but in fp32 it loses the digits a and b share (a trained
     model's close frames were off by 5e-5 of their distance, rounded differently in each runtime). So it runs in
     float64 (fp32 products are exact there; what is lost is ~1e-16 of |a|^2, far below fp32's rounding of the
-    result), on a Gram matrix averaged with its transpose (exactly symmetric) whose own diagonal gives |a|^2 (so
+    result), on a Gram matrix added to its transpose (exactly symmetric) whose own diagonal gives |a|^2 (so
     d(a, a) = 0 exactly). Symmetry matters because with k = 2 the densities of two frames that are each other's
     nearest neighbours are equal: exactly equal, every runtime breaks the tie by frame index; equal up to
     rounding, the runtimes kept different frames. float64 also keeps a GPU's TF32 matrix products out of it."""
