@@ -7,16 +7,17 @@ Registry: TPM_REGISTRY["dpc_knn" | "uniform" | "motion" | "attention" | "random"
 Each strategy also states the FLOPs of its scoring (`scoring_flops`), for h2ot.flops.
 
 Everything here exports to one ONNX graph (h2ot.export) except `random`, which says so (`exportable = False`):
-in a traced graph the selection is a rank count instead of a stable sort, and the distances are one explicit
-formula in both, so eager and exported models keep the same frames. Scoring runs without autograd and in fp32,
-also inside autocast: nothing backpropagates through the scores, and half-precision distances would reorder
-near-equal frames.
+the distances are one explicit formula in every runtime, and the selection breaks ties by position in each (a
+stable sort in eager mode, ONNX's TopK in an exported graph, a rank count under torch.compile), so eager and
+exported models keep the same frames. Scoring runs without autograd and at least in fp32 (DPC-kNN in float64
+from its distances on), also inside autocast: nothing backpropagates through the scores, and half-precision
+distances would reorder near-equal frames.
 
-Batch-1 cost: a small model's pruning stage is a few dozen tiny tensor ops, each costing microseconds of dispatch
-whatever its size, so their number is what matters. Tensors that depend only on a token count (positions, the
-"j comes before i" masks) are built once per count and device (`length_constant`); the scoring avoids ops that
-a single one can do (`amax` / `amin` without indices, a mean as the sum it is); eager mode selects
-with a stable sort, traced graphs with the exportable rank count that gives the same positions.
+Batch-1 cost: a small model's pruning stage is a couple of dozen tiny tensor ops, each costing microseconds of
+dispatch whatever its size, so their number is what matters. Tensors that depend only on a token count (positions,
+the "j comes after i" masks) are built once per count and device (`length_constant`); DPC-kNN ranks by a monotone
+function of its score that needs fewer ops (DpcKnnPruner), and avoids ops that a single one can do (`amax` /
+`amin` without indices).
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ class TokenPruner(nn.Module):
         self, x: torch.Tensor, n: int, must_keep: torch.Tensor | None, context: dict | None
     ) -> torch.Tensor:
         """Positions [B, n] of the kept tokens, in time order: the top-n scores, must_keep first."""
-        scores = _fp32(self.scores(_fp32(x), n, context or {}))
+        scores = self.scores(_fp32(x), n, context or {})
+        if scores.dtype not in (torch.float32, torch.float64):
+            scores = scores.float()
         if must_keep is not None:
             scores = scores.masked_fill(must_keep, math.inf)
         return top_n_in_time_order(scores, n)
@@ -197,29 +200,28 @@ def frame_features(x: torch.Tensor) -> torch.Tensor:
     return _fp32(x[:, :, 0] if x.shape[2] == 1 else x.mean(dim=2))
 
 
-def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [B, T, T] (fp32) between the rows of feat [B, T, C], exactly symmetric with an exact
-    zero diagonal, in ops that export to ONNX (torch.cdist does not).
+def pairwise_sq_distances(feat: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances [B, T, T] in float64 between the rows of feat [B, T, C], exactly symmetric with
+    an exact zero diagonal, in ops that export to ONNX (torch.cdist does not).
 
     Why: DPC-kNN compares densities and scores built from these distances, and two runtimes (PyTorch, ONNX
     Runtime) must rank them the same way. The matrix-product formula |a|^2 + |b|^2 - 2 a.b is the only one whose
     cost does not grow with T^2 x C of memory (direct differences materialise [B, T, T, C]: 48 MB for 64 clips of
     the frame-token model, slower than its blocks), but in fp32 it loses the digits a and b share (a trained
     model's close frames were off by 5e-5 of their distance, rounded differently in each runtime). So it runs in
-    float64 (fp32 products are exact there; what is lost is ~1e-16 of |a|^2, far below fp32's rounding of the
-    result), on a Gram matrix added to its transpose (exactly symmetric) whose own diagonal gives |a|^2 (so
-    d(a, a) = 0 exactly). Symmetry matters because with k = 2 the densities of two frames that are each other's
-    nearest neighbours are equal: exactly equal, every runtime breaks the tie by frame index; equal up to
-    rounding, the runtimes kept different frames. float64 also keeps a GPU's TF32 matrix products out of it."""
+    float64 (fp32 products are exact there; what is lost is ~1e-16 of |a|^2), on a Gram matrix added to its
+    transpose (exactly symmetric) whose own diagonal gives |a|^2 (so d(a, a) = 0 exactly). Symmetry matters
+    because with k = 2 the densities of two frames that are each other's nearest neighbours are equal: exactly
+    equal, every runtime breaks the tie by frame index; equal up to rounding, the runtimes kept different frames.
+    float64 also keeps a GPU's TF32 matrix products out of it. A distance may come out a few 1e-16 below zero
+    (near-equal frames); DPC-kNN clamps where it matters."""
     f = feat.double()
-    gram2 = torch.bmm(f, f.transpose(1, 2))
-    gram2 = gram2 + gram2.transpose(1, 2)  # 2 a.b, exactly symmetric
+    gram = torch.bmm(f, f.transpose(1, 2))
     t = feat.shape[1]
-    # 2 |a|^2: the diagonal's own numbers, so the result's diagonal is exactly 0 (as a strided view: two ONNX nodes,
-    # where `diagonal` exports as fourteen)
-    sq2 = gram2.reshape(-1, t * t)[:, :: t + 1]
-    dist2 = (sq2.unsqueeze(2) + sq2.unsqueeze(1)).sub_(gram2, alpha=2)  # 2 |a - b|^2
-    return dist2.clamp_(min=0.0).mul_(0.5).sqrt_().float()
+    # |a|^2: the diagonal's own numbers, so d(a, a) = |a|^2 + |a|^2 - (a.a + a.a) = 0 exactly (as a strided view: two
+    # ONNX nodes, where `diagonal` exports as fourteen)
+    sq = gram.reshape(-1, t * t)[:, :: t + 1]
+    return (sq.unsqueeze(2) + sq.unsqueeze(1)).sub_(gram + gram.transpose(1, 2))
 
 
 @register_tpm("dpc_knn")
@@ -231,22 +233,26 @@ class DpcKnnPruner(TokenPruner):
     frame (the densest frame gets the largest distance of the sample); 5. score rho * delta.
     Ties are broken by frame index (an exact index-based order, not random noise), so evaluation is
     deterministic.
+
+    Computed as a strictly increasing function of rho * delta, in float64 on squared distances d: with S the sum
+    of a frame's k smallest d and D its d to the nearest denser frame, 2 log(rho * delta) + log C = log D - 2 S / (C k).
+    The same order and the same kept frames, with no square root, exponential or product ([B, T'] logs instead):
+    a small model's batch-1 forward pays microseconds per op, and this is about half of the direct formula's ops.
+    A frame is denser when its S is smaller (rho falls as S grows).
     """
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         t, c = x.shape[1], x.shape[3]
-        feat = frame_features(x)  # [B, T', C]
-        dist = pairwise_distances(feat) / math.sqrt(c)  # [B, T', T']
+        d = pairwise_sq_distances(frame_features(x))  # [B, T', T'] float64
         k = min(self.cfg.tpm_k, t)
-        knn_sq = dist.pow(2).topk(k, dim=-1, largest=False).values
-        density = torch.exp(knn_sq.sum(dim=-1) / -k)  # exp(-mean), the mean as the CPU computes it: sum / k
+        knn = d.topk(k, dim=-1, largest=False).values.sum(dim=-1)  # S [B, T']: smaller = denser
         # [i, j]: j is denser than i; equal densities are ordered by frame index (exact, deterministic).
-        rho_i, rho_j = density.unsqueeze(2), density.unsqueeze(1)
+        s_i, s_j = knn.unsqueeze(2), knn.unsqueeze(1)
         after = length_constant("after", t, x.device, _comes_after)
-        denser = (rho_j > rho_i) | ((rho_j == rho_i) & after)  # no `where` on booleans: ONNX Runtime has none
-        max_dist = dist.amax(dim=(1, 2), keepdim=True)
-        delta = torch.where(denser, dist, max_dist).amin(dim=-1)
-        return density * delta
+        denser = (s_j < s_i) | ((s_j == s_i) & after)  # no `where` on booleans: ONNX Runtime has none
+        to_denser = torch.where(denser, d, d.amax(dim=(1, 2), keepdim=True)).amin(dim=-1)  # D [B, T']
+        # log 0 = -inf: a frame equal to a denser one ranks last (the clamp removes rounding's tiny negatives)
+        return to_denser.clamp_(min=0.0).log_().sub_(knn, alpha=2.0 / (c * k))
 
     @classmethod
     def scoring_flops(

@@ -73,7 +73,7 @@ def test_export_round_trip_one_per_backbone(tmp_path: Path, backbone: str) -> No
 
 # Every exportable combination. DPC-kNN on the frame-token model once kept other frames in ONNX Runtime than in
 # PyTorch (2 of 5 windows): mutual nearest neighbours had densities equal up to rounding, and the two runtimes
-# rounded them the other way; h2ot.pruning.pairwise_distances now makes such ties exact.
+# rounded them the other way; h2ot.pruning.pairwise_sq_distances now makes such ties exact.
 EXPORTABLE = [
     (backbone, tpm, trm)
     for backbone, tpm, trm in itertools.product(sorted(SMALL), sorted(TPM_REGISTRY), sorted(TRM_REGISTRY))
