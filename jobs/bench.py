@@ -8,7 +8,8 @@
 Models: a preset gives full vs the HoT point vs its H2OT schedule; `--config` a shipped config (full = the same
 model without its schedule); `--checkpoint` a trained model with its weights (full = its config without schedule,
 same weights where they exist: a speed reference only). Every (model, runtime, precision) is timed in one process
-on the same input: interleaved repetitions (each entry once per round), warm-up rounds excluded, medians. The
+on the same input: interleaved repetitions (each entry once per round), warm-up rounds excluded, medians; without
+`--repeats` the timed rounds fill at least `--seconds` (10 s), so fast models at batch 1 get hundreds of them. The
 JSON gives clips/s per entry and the ratios side by side (pruned / full in each runtime and precision, and each
 runtime or precision / eager fp32 of the same model). bf16 is autocast on the CPU (eager, compile); int8 is ONNX
 Runtime's dynamic quantization of the MatMul weights (onnx). `--data` adds each entry's MPJPE (no flip) on the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -38,6 +40,8 @@ RUNTIMES = ("eager", "compile", "onnx")
 PRECISIONS = ("fp32", "bf16", "int8")
 PRECISIONS_OF = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16"), "onnx": ("fp32", "int8")}
 DEFAULT_ACCURACY_WINDOWS = 256
+DEFAULT_SECONDS = 10.0  # timed rounds fill at least this long unless --repeats is given
+MAX_ROUNDS = 5000
 
 
 def _variants(preset: str) -> dict:
@@ -178,30 +182,41 @@ def _entry(name, cfg, model, runtime, precision, threads, workdir: Path, torch, 
     return Entry(name, runtime, precision, wrapped, wrapped)
 
 
-def _time(entries: list[Entry], x, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per forward of each entry, interleaved (every entry once per round)."""
+def _time(entries: list[Entry], x, repeats: int, warmup: int, seconds: float = 0.0) -> tuple[dict[str, float], int]:
+    """(Median seconds per forward of each entry, timed rounds), interleaved (every entry once per round):
+    `repeats` timed rounds, or more while they fill less than `seconds` (a round of small models at batch 1 takes
+    milliseconds, and a few dozen of them vary by 10-20 % between runs; the count comes from the last untimed
+    round, at most MAX_ROUNDS)."""
     import torch
     from tqdm import tqdm
 
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)  # time kernels, not launches
 
+    def one_round(timed: dict[str, list[float]] | None) -> float:
+        round_start = time.perf_counter()
+        for entry in entries:
+            sync()
+            start = time.perf_counter()
+            entry.run(x)
+            sync()
+            if timed is not None:
+                timed[entry.key].append(time.perf_counter() - start)
+        return time.perf_counter() - round_start
+
     times: dict[str, list[float]] = {e.key: [] for e in entries}
-    progress = tqdm(total=warmup + repeats, desc="bench", unit="round", file=sys.stderr)
-    with torch.inference_mode(), progress:
-        for rep in range(warmup + repeats):
-            for entry in entries:
-                sync()
-                start = time.perf_counter()
-                entry.run(x)
-                sync()
-                if rep >= warmup:
-                    times[entry.key].append(time.perf_counter() - start)
-            progress.update(1)
-    return {key: statistics.median(t) for key, t in times.items()}
+    with torch.inference_mode():
+        last = 0.0
+        for _ in tqdm(range(warmup), desc="bench warm-up", unit="round", file=sys.stderr, disable=warmup < 2):
+            last = one_round(None)
+        if seconds and warmup:
+            repeats = max(repeats, min(MAX_ROUNDS, math.ceil(seconds / max(last, 1e-6))))
+        for _ in tqdm(range(repeats), desc="bench", unit="round", file=sys.stderr):
+            one_round(times)
+    return {key: statistics.median(t) for key, t in times.items()}, repeats
 
 
 def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, threads: int | None = None,
-              batch: int = 1, *, args: argparse.Namespace | None = None) -> dict:
+              batch: int = 1, *, args: argparse.Namespace | None = None, seconds: float = 0.0) -> dict:
     """Time every entry and report clips/s, FLOPs and the ratios (module docstring)."""
     import torch
 
@@ -234,7 +249,7 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
         full = cfgs["full"]
         x = torch.randn(batch, full.frames, full.joints, full.in_channels,
                         generator=torch.Generator().manual_seed(0)).to(device)
-        seconds = _time(entries, x, repeats, warmup)
+        timed, rounds = _time(entries, x, repeats, warmup, seconds)
         accuracy = _accuracy(entries, cfgs, args) if args.data else {}
     out = {"model": label, "frames": full.frames, "batch": batch, "device": str(device),
            "schedules": {name: c.schedule for name, c in cfgs.items()}}
@@ -249,18 +264,18 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
         if name != "full":
             out.update(_flops_ratios(name, flops))
     for entry in entries:
-        out[f"{entry.key}_clips_per_s"] = round(batch / seconds[entry.key], 4)
-    out.update(_throughput_ratios(entries, seconds))
+        out[f"{entry.key}_clips_per_s"] = round(batch / timed[entry.key], 4)
+    out.update(_throughput_ratios(entries, timed))
     if reference:
         from jobs.bench_reference import reference_ratios
 
         out.update(reference)
-        out.update(reference_ratios(entries, seconds))
+        out.update(reference_ratios(entries, timed))
     if accuracy:
         out["mpjpe_mm"] = accuracy
     if skipped:
         out["skipped"] = skipped
-    out["repeats"] = repeats
+    out["repeats"] = rounds
     out["torch_threads"] = torch.get_num_threads()
     return out
 
@@ -332,7 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, help="shards: add each entry's MPJPE on the test windows")
     parser.add_argument("--windows", type=int, default=DEFAULT_ACCURACY_WINDOWS,
                         help="test windows for --data (default %(default)s)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds (default: 20, 5 for the paper-size presets, or more while they fill "
+                             "--seconds)")
+    parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
+                        help="without --repeats: time rounds for at least this long (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compile: at least 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device of eager/compile runs: cpu, cuda, cuda:N")
@@ -370,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--checkpoint: give the .pt model (bench exports it itself for --runtime onnx)")
         preset = args.preset or (f"{args.model}_small" if args.small else args.model)
         repeats = args.repeats or (5 if preset in MODELS and not (args.config or args.checkpoint) else 20)
-        result = run_bench(repeats=repeats, warmup=args.warmup, threads=args.threads, batch=args.batch, args=args)
+        seconds = 0.0 if args.repeats else args.seconds
+        result = run_bench(repeats=repeats, warmup=args.warmup, threads=args.threads, batch=args.batch, args=args,
+                           seconds=seconds)
     if args.json:
         print(json.dumps(result))
     else:

@@ -24,3 +24,24 @@ def test_bench_counts_clips_per_second_per_batch(capsys) -> None:
     assert out["full_clips_per_s"] > 0 and out["flops_ratio_linear"] < 1
     with pytest.raises(SystemExit):
         main(["--batch", "0"])
+
+
+def test_timed_rounds_fill_the_seconds_unless_repeats_are_given() -> None:
+    """Without --repeats, fast entries get as many rounds as fill --seconds (at least the minimum, at most
+    MAX_ROUNDS); with --repeats (seconds=0) exactly that many."""
+    import time
+
+    import torch
+
+    from jobs.bench import MAX_ROUNDS, Entry, _time
+
+    calls = []
+    entries = [Entry(name, "eager", "fp32", lambda x, n=name: (calls.append(n), time.sleep(0.002)), None)
+               for name in ("full", "h2ot")]
+    x = torch.zeros(1)
+    timed, rounds = _time(entries, x, repeats=3, warmup=1, seconds=0.3)
+    assert 3 < rounds <= MAX_ROUNDS  # a round sleeps 4 ms: about 75 rounds fill 0.3 s
+    assert len(calls) == 2 * (rounds + 1) and set(timed) == {e.key for e in entries}
+    calls.clear()
+    _, rounds = _time(entries, x, repeats=3, warmup=1, seconds=0.0)
+    assert rounds == 3 and len(calls) == 8
