@@ -42,6 +42,8 @@ PRECISIONS_OF = {"eager": ("fp32", "bf16"), "compile": ("fp32", "bf16"), "onnx":
 DEFAULT_ACCURACY_WINDOWS = 256
 DEFAULT_SECONDS = 10.0  # timed rounds fill at least this long unless --repeats is given
 MAX_ROUNDS = 5000
+BURST_SECONDS = 0.02  # an entry's timed forwards in a round, back to back, fill about this long
+MAX_BURST = 50
 
 
 def _variants(preset: str) -> dict:
@@ -182,37 +184,49 @@ def _entry(name, cfg, model, runtime, precision, threads, workdir: Path, torch, 
     return Entry(name, runtime, precision, wrapped, wrapped)
 
 
-def _time(entries: list[Entry], x, repeats: int, warmup: int, seconds: float = 0.0) -> tuple[dict[str, float], int]:
-    """(Median seconds per forward of each entry, timed rounds), interleaved (every entry once per round):
-    `repeats` timed rounds, or more while they fill less than `seconds` (a round of small models at batch 1 takes
-    milliseconds, and a few dozen of them vary by 10-20 % between runs; the count comes from the last untimed
-    round, at most MAX_ROUNDS)."""
+def _time(entries: list[Entry], x, repeats: int, warmup: int, seconds: float = 0.0,
+          burst: int | None = None) -> tuple[dict[str, float], int, int]:
+    """(Median seconds per forward of each entry, timed rounds, burst). The entries take turns, round by round, so
+    the machine's drift reaches all of them alike. In its turn an entry runs `burst` timed forwards back to back
+    (after one untimed forward when burst > 1), as a model runs in use: with its own weights and code in the caches,
+    not the other entries' (one forward a turn flattered pruned models at batch 1: their pruned/full ratios
+    measured up to 15 % higher than back to back, docs/DEPLOY.md). burst None: forwards filling about
+    BURST_SECONDS (1 for slow models). Rounds: `repeats`, or more while they fill less than `seconds` (one round
+    of small models at batch 1 takes milliseconds, and a few dozen rounds vary by 10-25 % between runs), at most
+    MAX_ROUNDS; both counts come from the last warm-up round."""
     import torch
     from tqdm import tqdm
 
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)  # time kernels, not launches
 
-    def one_round(timed: dict[str, list[float]] | None) -> float:
+    def one_round(timed: dict[str, list[float]] | None, forwards: int) -> float:
         round_start = time.perf_counter()
         for entry in entries:
+            if forwards > 1:
+                entry.run(x)
             sync()
             start = time.perf_counter()
-            entry.run(x)
+            for _ in range(forwards):
+                entry.run(x)
             sync()
             if timed is not None:
-                timed[entry.key].append(time.perf_counter() - start)
+                timed[entry.key].append((time.perf_counter() - start) / forwards)
         return time.perf_counter() - round_start
 
     times: dict[str, list[float]] = {e.key: [] for e in entries}
     with torch.inference_mode():
         last = 0.0
         for _ in tqdm(range(warmup), desc="bench warm-up", unit="round", file=sys.stderr, disable=warmup < 2):
-            last = one_round(None)
+            last = one_round(None, 1)
+        per_forward = max(last, 1e-6) / len(entries)
+        if burst is None:
+            burst = min(MAX_BURST, max(1, round(BURST_SECONDS / per_forward))) if warmup else 1
         if seconds and warmup:
-            repeats = max(repeats, min(MAX_ROUNDS, math.ceil(seconds / max(last, 1e-6))))
+            round_s = len(entries) * per_forward * (burst + (burst > 1))
+            repeats = max(repeats, min(MAX_ROUNDS, math.ceil(seconds / round_s)))
         for _ in tqdm(range(repeats), desc="bench", unit="round", file=sys.stderr):
-            one_round(times)
-    return {key: statistics.median(t) for key, t in times.items()}, repeats
+            one_round(times, burst)
+    return {key: statistics.median(t) for key, t in times.items()}, repeats, burst
 
 
 def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, threads: int | None = None,
@@ -249,7 +263,7 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
         full = cfgs["full"]
         x = torch.randn(batch, full.frames, full.joints, full.in_channels,
                         generator=torch.Generator().manual_seed(0)).to(device)
-        timed, rounds = _time(entries, x, repeats, warmup, seconds)
+        timed, rounds, burst = _time(entries, x, repeats, warmup, seconds, getattr(args, "burst", None))
         accuracy = _accuracy(entries, cfgs, args) if args.data else {}
     out = {"model": label, "frames": full.frames, "batch": batch, "device": str(device),
            "schedules": {name: c.schedule for name, c in cfgs.items()}}
@@ -276,6 +290,7 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
     if skipped:
         out["skipped"] = skipped
     out["repeats"] = rounds
+    out["burst"] = burst
     out["torch_threads"] = torch.get_num_threads()
     return out
 
@@ -352,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "--seconds)")
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
                         help="without --repeats: time rounds for at least this long (default %(default)s)")
+    parser.add_argument("--burst", type=int, default=None,
+                        help="timed forwards of an entry in its turn, back to back (default: about 20 ms of them; "
+                             "1: one forward a turn)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (compile: at least 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device of eager/compile runs: cpu, cuda, cuda:N")
@@ -375,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.burst is not None and args.burst < 1:
+        parser.error(f"--burst must be at least 1, got {args.burst}")
     if args.stream:
         from jobs.stream import bench_stream
 

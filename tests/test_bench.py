@@ -28,20 +28,23 @@ def test_bench_counts_clips_per_second_per_batch(capsys) -> None:
 
 def test_timed_rounds_fill_the_seconds_unless_repeats_are_given() -> None:
     """Without --repeats, fast entries get as many rounds as fill --seconds (at least the minimum, at most
-    MAX_ROUNDS); with --repeats (seconds=0) exactly that many."""
+    MAX_ROUNDS) and, in their turn, a burst of forwards back to back after an untimed one; with --repeats
+    (seconds=0) and --burst 1 exactly one timed forward a turn."""
     import time
 
     import torch
 
-    from jobs.bench import MAX_ROUNDS, Entry, _time
+    from jobs.bench import BURST_SECONDS, MAX_ROUNDS, Entry, _time
 
     calls = []
     entries = [Entry(name, "eager", "fp32", lambda x, n=name: (calls.append(n), time.sleep(0.002)), None)
                for name in ("full", "h2ot")]
     x = torch.zeros(1)
-    timed, rounds = _time(entries, x, repeats=3, warmup=1, seconds=0.3)
-    assert 3 < rounds <= MAX_ROUNDS  # a round sleeps 4 ms: about 75 rounds fill 0.3 s
-    assert len(calls) == 2 * (rounds + 1) and set(timed) == {e.key for e in entries}
+    timed, rounds, burst = _time(entries, x, repeats=3, warmup=1, seconds=0.5)
+    assert 1 < burst <= round(BURST_SECONDS / 0.002)  # a forward sleeps 2 ms (and takes a little longer)
+    assert 3 < rounds <= MAX_ROUNDS
+    assert len(calls) == 2 + 2 * rounds * (burst + 1) and set(timed) == {e.key for e in entries}
+    assert all(0.002 <= t < 0.05 for t in timed.values())  # seconds per forward, not per burst
     calls.clear()
-    _, rounds = _time(entries, x, repeats=3, warmup=1, seconds=0.0)
-    assert rounds == 3 and len(calls) == 8
+    _, rounds, burst = _time(entries, x, repeats=3, warmup=1, seconds=0.0, burst=1)
+    assert (rounds, burst) == (3, 1) and len(calls) == 8
