@@ -189,8 +189,8 @@ def _time(entries: list[Entry], x, repeats: int, warmup: int, seconds: float = 0
     """(Median seconds per forward of each entry, timed rounds, burst). The entries take turns, round by round, so
     the machine's drift reaches all of them alike. In its turn an entry runs `burst` timed forwards back to back
     (after one untimed forward when burst > 1), as a model runs in use: with its own weights and code in the caches,
-    not the other entries' (one forward a turn flattered pruned models at batch 1: their pruned/full ratios
-    measured up to 15 % higher than back to back, docs/DEPLOY.md). burst None: forwards filling about
+    not the other entries' (one forward a turn flattered pruned models at batch 1: their eager pruned/full ratios
+    measured 7-20 % higher than back to back, docs/DEPLOY.md). burst None: forwards filling about
     BURST_SECONDS (1 for slow models). Rounds: `repeats`, or more while they fill less than `seconds` (one round
     of small models at batch 1 takes milliseconds, and a few dozen rounds vary by 10-25 % between runs), at most
     MAX_ROUNDS; both counts come from the last warm-up round."""
