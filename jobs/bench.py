@@ -8,8 +8,9 @@
 Models: a preset gives full vs the HoT point vs its H2OT schedule; `--config` a shipped config (full = the same
 model without its schedule); `--checkpoint` a trained model with its weights (full = its config without schedule,
 same weights where they exist: a speed reference only). Every (model, runtime, precision) is timed in one process
-on the same input: interleaved repetitions (each entry once per round), warm-up rounds excluded, medians; without
-`--repeats` the timed rounds fill at least `--seconds` (10 s), so fast models at batch 1 get hundreds of them. The
+on the same input: interleaved rounds (in each, every entry runs a burst of forwards back to back, about 20 ms
+of them: `--burst`), warm-up rounds excluded, medians; without `--repeats` the timed rounds fill at least
+`--seconds` (10 s), so fast models at batch 1 get hundreds of them. The
 JSON gives clips/s per entry and the ratios side by side (pruned / full in each runtime and precision, and each
 runtime or precision / eager fp32 of the same model). bf16 is autocast on the CPU (eager, compile); int8 is ONNX
 Runtime's dynamic quantization of the MatMul weights (onnx). `--data` adds each entry's MPJPE (no flip) on the
