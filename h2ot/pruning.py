@@ -266,14 +266,30 @@ class DpcKnnPruner(TokenPruner):
 
 @register_tpm("uniform")
 class UniformPruner(TokenPruner):
-    """Keep n frames evenly spaced over the current tokens (first and last included)."""
+    """Keep n frames evenly spaced over the current tokens (first and last included).
+
+    The positions depend only on the token counts, so without frames that must be kept no scores are computed:
+    the top-n of `scores` is built once per (T', n) and device (distinct positions, as n <= T'), which leaves a
+    stage only its gathers at batch 1."""
+
+    def _select(
+        self, x: torch.Tensor, n: int, must_keep: torch.Tensor | None, context: dict | None
+    ) -> torch.Tensor:
+        if must_keep is not None:
+            return super()._select(x, n, must_keep, context)
+        picks = length_constant(f"uniform_{n}", x.shape[1], x.device, lambda t, device: _even_picks(t, n, device))
+        return picks.expand(x.shape[0], n)
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         b, t = x.shape[:2]
-        picks = torch.linspace(0, t - 1, n, device=x.device).round().long()
         scores = torch.zeros(b, t, device=x.device)
-        scores[:, picks] = 1.0
+        scores[:, _even_picks(t, n, x.device)] = 1.0
         return scores
+
+
+def _even_picks(t: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n] long: n positions of t evenly spaced, the first and the last included."""
+    return torch.linspace(0, t - 1, n, device=device).round().long()
 
 
 @register_tpm("motion")

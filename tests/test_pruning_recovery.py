@@ -52,6 +52,18 @@ def test_uniform_spreads_over_the_sequence() -> None:
     assert kept[0].tolist() == [0, 4, 8]
 
 
+def test_uniform_keeps_the_top_n_of_its_scores_without_computing_them() -> None:
+    """Its constant positions are exactly what the scores' top-n selects, for every count and batch size."""
+    pruner = TPM_REGISTRY["uniform"](ModelConfig(frames=243))
+    for t in (1, 2, 5, 9, 13, 27, 81, 243):
+        for n in sorted({1, min(2, t), max(1, t // 3), t // 2 or 1, t - 1 or 1, t}):
+            for b in (1, 3):
+                x = torch.randn(b, t, 2, 4)
+                local = pruner._select(x, n, None, None)
+                assert torch.equal(local, top_n_in_time_order(pruner.scores(x, n, {}), n)), (t, n, b)
+                assert local.unique(dim=1).shape[1] == n
+
+
 def test_must_keep_is_always_kept() -> None:
     x = torch.randn(1, 27, 17, 8)
     idx = torch.arange(27)[None]
