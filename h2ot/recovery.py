@@ -128,7 +128,7 @@ def interpolation_weights(kept_indices: torch.Tensor, frames: int) -> torch.Tens
     k = kept_indices.float().unsqueeze(1)  # [B, 1, n]
     offset = length_constant("frame_column", frames, kept_indices.device, _frame_column) - k  # [B, T, n]: t - k_m
     padded = F.pad(k, (1, 1), value=math.inf)  # [B, 1, n + 2]: the kept indices between two at inf
-    to_neighbour = torch.where(offset >= 0, padded[..., 2:] - k, padded[..., :-2] - k)  # k_next - k_m, k_prev - k_m
+    to_neighbour = torch.where(offset >= 0, padded[..., 2:], padded[..., :-2]) - k  # k_next - k_m, k_prev - k_m
     return (1 - offset / to_neighbour).clamp(min=0)
 
 
