@@ -239,7 +239,7 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
 
     args = args or argparse.Namespace(checkpoint=None, config=None, preset=preset, model="mixste", small=False,
                                       runtime="eager", precision="fp32", data=None, windows=DEFAULT_ACCURACY_WINDOWS,
-                                      reference_code=None)
+                                      reference_code=None, burst=None)
     if threads:
         torch.set_num_threads(threads)
     label, cfgs, models = _models(args)
@@ -264,7 +264,7 @@ def run_bench(preset: str | None = None, repeats: int = 20, warmup: int = 1, thr
         full = cfgs["full"]
         x = torch.randn(batch, full.frames, full.joints, full.in_channels,
                         generator=torch.Generator().manual_seed(0)).to(device)
-        timed, rounds, burst = _time(entries, x, repeats, warmup, seconds, getattr(args, "burst", None))
+        timed, rounds, burst = _time(entries, x, repeats, warmup, seconds, args.burst)
         accuracy = _accuracy(entries, cfgs, args) if args.data else {}
     out = {"model": label, "frames": full.frames, "batch": batch, "device": str(device),
            "schedules": {name: c.schedule for name, c in cfgs.items()}}
