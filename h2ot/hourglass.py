@@ -30,9 +30,18 @@ from h2ot.schedule import validate_schedule
 @dataclass
 class HourglassState:
     frames: int
-    frame_indices: torch.Tensor  # [B, T'] original positions of the current tokens
+    # [B, T'] original positions of the current tokens; None before the first stage, where they are the frames in
+    # order (nothing to build or gather for them: ops that a batch-1 forward pays for; see current_indices)
+    frame_indices: torch.Tensor | None = None
     kept_indices: list[torch.Tensor] = field(default_factory=list)
     context: dict = field(default_factory=dict)  # e.g. attention maps for attention-based pruning
+
+    def current_indices(self, x: torch.Tensor) -> torch.Tensor:
+        """frame_indices as a tensor [B, T'] for the tokens x [B, T', ...]."""
+        if self.frame_indices is not None:
+            return self.frame_indices
+        b, t = x.shape[:2]
+        return torch.arange(t, device=x.device).expand(b, t)
 
 
 class Hourglass(nn.Module):
@@ -57,15 +66,14 @@ class Hourglass(nn.Module):
         return None
 
     def start(self, x: torch.Tensor) -> HourglassState:
-        b, t = x.shape[:2]
-        return HourglassState(frames=t, frame_indices=torch.arange(t, device=x.device).expand(b, t))
+        return HourglassState(frames=x.shape[1])
 
     def before_block(self, x: torch.Tensor, block: int, state: HourglassState) -> torch.Tensor:
         stage = self.stage_of_block.get(block)
         if stage is None:
             return x
         n = self.stages[stage][1]
-        must_keep = state.frame_indices == state.frames // 2 if self.cfg.seq2frame else None
+        must_keep = state.current_indices(x) == state.frames // 2 if self.cfg.seq2frame else None
         x, state.frame_indices = self.pruner(x, n, state.frame_indices, must_keep, state.context)
         state.context.pop(ATTENTION_RECEIVED, None)  # belongs to the tokens before this stage
         state.kept_indices.append(state.frame_indices)
@@ -79,9 +87,9 @@ class Hourglass(nn.Module):
         """
         b = x.shape[0]
         if self.cfg.seq2frame and self.training:
-            return x, state.frame_indices
+            return x, state.current_indices(x)
         if self.cfg.seq2frame:
-            centre = (state.frame_indices == state.frames // 2).float().argmax(dim=1, keepdim=True)  # [B, 1]
+            centre = (state.current_indices(x) == state.frames // 2).float().argmax(dim=1, keepdim=True)  # [B, 1]
             x = take_frames(x, centre)
             return x, torch.full((b, 1), state.frames // 2, device=x.device, dtype=torch.long)
         if self.recovery is not None:

@@ -77,11 +77,12 @@ class TokenPruner(nn.Module):
         self,
         x: torch.Tensor,
         n: int,
-        frame_indices: torch.Tensor,
+        frame_indices: torch.Tensor | None,
         must_keep: torch.Tensor | None = None,
         context: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep n frames. x: [B, T', J, C]; frame_indices: [B, T'] original positions of those tokens.
+        """Keep n frames. x: [B, T', J, C]; frame_indices: [B, T'] original positions of those tokens, or None
+        when they are the original frames in order (then the kept positions are the kept original indices).
 
         Returns (x_kept [B, n, J, C], kept original indices [B, n], sorted in time).
         """
@@ -95,7 +96,7 @@ class TokenPruner(nn.Module):
                 local = self._select(x, n, must_keep, context)
         else:  # inference without autocast: nothing to turn off (entering contexts costs microseconds at batch 1)
             local = self._select(x, n, must_keep, context)
-        return take_frames(x, local), torch.gather(frame_indices, 1, local)
+        return take_frames(x, local), local if frame_indices is None else torch.gather(frame_indices, 1, local)
 
     def _select(
         self, x: torch.Tensor, n: int, must_keep: torch.Tensor | None, context: dict | None
@@ -210,8 +211,8 @@ def pairwise_sq_distances(feat: torch.Tensor) -> torch.Tensor:
     cost does not grow with T^2 x C of memory (direct differences materialise [B, T, T, C]: 48 MB for 64 clips of
     the frame-token model, slower than its blocks), but in fp32 it loses the digits a and b share (a trained
     model's close frames were off by 5e-5 of their distance, rounded differently in each runtime). So it runs in
-    float64 (fp32 products are exact there; what is lost is ~1e-16 of |a|^2), on a Gram matrix added to its
-    transpose (exactly symmetric) whose own diagonal gives |a|^2 (so d(a, a) = 0 exactly). Symmetry matters
+    float64 (fp32 products are exact there; what is lost is ~1e-16 of |a|^2), as h + h^T with h_ij = |a_i|^2 - a_i.a_j
+    (exactly symmetric), where |a_i|^2 is the Gram matrix's own diagonal (so d(a, a) = 0 exactly). Symmetry matters
     because with k = 2 the densities of two frames that are each other's nearest neighbours are equal: exactly
     equal, every runtime breaks the tie by frame index; equal up to rounding, the runtimes kept different frames.
     float64 also keeps a GPU's TF32 matrix products out of it. A distance may come out a few 1e-16 below zero
@@ -219,10 +220,11 @@ def pairwise_sq_distances(feat: torch.Tensor) -> torch.Tensor:
     f = feat.double()
     gram = torch.bmm(f, f.transpose(1, 2))
     t = feat.shape[1]
-    # |a|^2: the diagonal's own numbers, so d(a, a) = |a|^2 + |a|^2 - (a.a + a.a) = 0 exactly (as a strided view: two
-    # ONNX nodes, where `diagonal` exports as fourteen)
-    sq = gram.reshape(-1, t * t)[:, :: t + 1]
-    return (sq.unsqueeze(2) + sq.unsqueeze(1)).sub_(gram + gram.transpose(1, 2))
+    # |a|^2 [B, T, 1]: the diagonal's own numbers, so h_ii = 0 exactly (as a strided view: two ONNX nodes, where
+    # `diagonal` exports as fourteen)
+    sq = gram.reshape(-1, t * t, 1)[:, :: t + 1]
+    half = sq - gram
+    return half + half.transpose(1, 2)  # h_ij + h_ji and h_ji + h_ij: the same number (addition commutes)
 
 
 @register_tpm("dpc_knn")

@@ -84,6 +84,8 @@ class ReferenceDpcKnn(nn.Module):
             scores = scores.masked_fill(must_keep, math.inf)
         local = reference_top_n(scores, n)
         kept = torch.stack([x[bi, local[bi]] for bi in range(x.shape[0])])
+        if frame_indices is None:  # the tokens are the original frames in order
+            frame_indices = torch.arange(x.shape[1]).expand(x.shape[0], -1)
         return kept, torch.stack([frame_indices[bi, local[bi]] for bi in range(x.shape[0])])
 
 
