@@ -153,23 +153,53 @@ def setup_mlflow(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, na
     return {"uri": uri, "run_id": run_id}
 
 
+# Blocks of the shuffled training set. An epoch capped by optim.steps_per_epoch reads a prefix of the blocks in
+# that epoch's order; with many blocks that prefix is a fresh sample of windows every epoch (Ray's shuffle would
+# make one block per read task: with 2-4 blocks, capped epochs kept re-reading the same windows).
+SHUFFLED_BLOCKS = 128
+
+
 def train_dataset(data_dir: str | Path, materialize: bool = True, seed: int | None = None) -> Any:
     """The training windows as a Ray Dataset of tensor columns only (strings break iter_torch_batches).
 
     Shards hold each sequence's windows in order, so reading them as written makes batches of near-identical
-    consecutive windows. Materialized, the windows are shuffled globally once (seeded) and kept in the object
-    store (decoding Parquet every epoch made the workers wait for data more than half of the time on 2 cores);
-    every epoch then visits the blocks in a new random order, and the loop adds a local shuffle buffer.
-    Set materialize=False for data larger than the object store (file order and the local buffer only).
+    consecutive windows. Materialized, the windows are shuffled globally once and kept in the object store
+    (decoding Parquet every epoch made the workers wait for data more than half of the time on 2 cores); every
+    epoch then visits the blocks in a new order, and the loop adds a local shuffle buffer. Set materialize=False
+    for data larger than the object store (file order and the local buffer only).
+
+    With a seed, every run of that seed sees the same windows in the same order (and every epoch another order):
+    the files are read in name order, the shuffle's input keeps that order whatever order Ray's tasks finish in,
+    and the block order of epoch e is drawn from (seed, e). With seed None each run draws its own.
     """
     import ray
+    from ray.data import DataContext, FileShuffleConfig, RandomSeedConfig
 
     from jobs.train_loop import TRAIN_COLUMNS
 
-    ds = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), shuffle="files").select_columns(TRAIN_COLUMNS)
-    if materialize:
-        ds = ds.random_shuffle(seed=seed).materialize()
-    return ds.randomize_block_order()
+    files = sorted(str(p) for p in (Path(data_dir).resolve() / "train").glob("*.parquet"))
+    context = DataContext.get_current()
+    preserve_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = seed is not None
+    try:
+        ds = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=seed) if seed is not None else "files")
+        ds = ds.select_columns(TRAIN_COLUMNS)
+        if materialize:
+            ds = ds.random_shuffle(seed=seed).repartition(SHUFFLED_BLOCKS).materialize()
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def ingest_config(seed: int | None) -> Any:
+    """Ray Train's DataConfig: with a seed the blocks reach the workers in the dataset's order, so which worker
+    trains on which windows does not depend on timing (Ray's split hands each block to the worker that has
+    the fewest rows so far, deterministic once the order is)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = options.preserve_order or seed is not None
+    return DataConfig(execution_options=options)
 
 
 def resolve_name(cfg: TrainConfig, data_dir: str | Path, name: str | None = None) -> str:
@@ -241,6 +271,7 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={"train": train_ds},
+        dataset_config=ingest_config(cfg.optim.seed),
     )
 
 

@@ -183,6 +183,31 @@ def test_worker_failure_resumes_from_last_checkpoint(local_ray, shards, tmp_path
 
 
 @pytest.mark.slow
+def test_a_seed_reproduces_its_run_and_every_epoch_sees_another_order(local_ray, shards, tmp_path) -> None:
+    import torch
+
+    from jobs.train import run_training, train_dataset
+
+    def window_order(ds) -> list[float]:  # a coordinate of joint 1 in frame 0 names a window (random poses)
+        return [float(first) for b in ds.iter_batches(batch_size=None) for first in b["pose_3d"][:, 0, 1, 0]]
+
+    many_blocks = write_tiny_shards(tmp_path / "shards", n_train=256, n_test=48, files_per_split=8)
+    first, again, other = (train_dataset(many_blocks, seed=s) for s in (0, 0, 1))
+    epochs = [window_order(first) for _ in range(2)]
+    assert [window_order(again) for _ in range(2)] == epochs, "the same seed: the same order, epoch by epoch"
+    assert epochs[0] != epochs[1], "each epoch visits the blocks in another order"
+    assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 256, "every window once an epoch"
+    assert window_order(other) != epochs[0], "another seed, another order"
+
+    # Two 2-worker runs of one seed (different names, so neither resumes the other): the same weights and scores.
+    cfg = tiny_cfg("optim.epochs=2", "optim.steps_per_epoch=10")
+    runs = [run_training(cfg, shards, tmp_path / name, name=name) for name in ("a", "b")]
+    weights = [torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"] for name in ("a", "b")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert runs[0]["metrics"]["val/mpjpe_mm"] == runs[1]["metrics"]["val/mpjpe_mm"]
+
+
+@pytest.mark.slow
 def test_a_named_run_with_another_config_stops_at_once_and_epochs_show_on_the_driver(local_ray, shards, tmp_path,
                                                                                    capsys) -> None:
     from jobs.train import TrainingStopped, run_training
