@@ -154,8 +154,8 @@ def setup_mlflow(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, na
 
 
 # Blocks of the shuffled training set. An epoch capped by optim.steps_per_epoch reads a prefix of the blocks in
-# that epoch's order; with many blocks that prefix is a fresh sample of windows every epoch (Ray's shuffle would
-# make one block per read task: with 2-4 blocks, capped epochs kept re-reading the same windows).
+# that epoch's order, so the blocks are the grain of its sample of windows (Ray's shuffle makes one block per read
+# task: 1-4 blocks for the shards of docs/RESULTS.md).
 SHUFFLED_BLOCKS = 128
 
 
