@@ -22,7 +22,7 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.layers import ATTENTION_RECEIVED
-from h2ot.pruning import build_tpm, take_frames
+from h2ot.pruning import build_tpm, frame_positions, index_constant, take_frames
 from h2ot.recovery import build_trm
 from h2ot.schedule import validate_schedule
 
@@ -41,7 +41,7 @@ class HourglassState:
         if self.frame_indices is not None:
             return self.frame_indices
         b, t = x.shape[:2]
-        return torch.arange(t, device=x.device).expand(b, t)
+        return frame_positions(t, x.device).expand(b, t)
 
 
 class Hourglass(nn.Module):
@@ -54,6 +54,23 @@ class Hourglass(nn.Module):
         # A new zero-initialised temporal position code for the n tokens of each stage.
         self.stage_pos = nn.ParameterList([nn.Parameter(torch.zeros(1, n, 1, dim)) for _, n in self.stages])
         self.recovery = build_trm(cfg, dim) if self.stages and not cfg.seq2frame else None
+        self.fixed_stages = self._fixed_stages()
+
+    def _fixed_stages(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]] | None:
+        """Per stage, (the kept positions among the current tokens, their original frame indices) when every
+        stage keeps fixed positions (TokenPruner.fixed_positions: the uniform TPM) and no frame must be kept
+        (seq2seq); else None. The kept frames are then constants of the schedule: a stage is one index_select
+        and the TRM can precompute its weights (TokenRecovery.recover_fixed), ops a batch-1 forward pays for."""
+        if self.pruner is None or self.cfg.seq2frame:
+            return None
+        fixed, original = [], tuple(range(self.cfg.frames))
+        for _, n in self.stages:
+            local = self.pruner.fixed_positions(len(original), n)
+            if local is None:
+                return None
+            original = tuple(original[p] for p in local)
+            fixed.append((tuple(local), original))
+        return fixed
 
     def prunes_before(self, block: int) -> bool:
         return block in self.stage_of_block
@@ -73,8 +90,13 @@ class Hourglass(nn.Module):
         if stage is None:
             return x
         n = self.stages[stage][1]
-        must_keep = state.current_indices(x) == state.frames // 2 if self.cfg.seq2frame else None
-        x, state.frame_indices = self.pruner(x, n, state.frame_indices, must_keep, state.context)
+        if self.fixed_stages is not None:
+            local, original = self.fixed_stages[stage]
+            x = x.index_select(1, index_constant(local, x.device))
+            state.frame_indices = index_constant(original, x.device).expand(x.shape[0], n)
+        else:
+            must_keep = state.current_indices(x) == state.frames // 2 if self.cfg.seq2frame else None
+            x, state.frame_indices = self.pruner(x, n, state.frame_indices, must_keep, state.context)
         state.context.pop(ATTENTION_RECEIVED, None)  # belongs to the tokens before this stage
         state.kept_indices.append(state.frame_indices)
         return x + self.stage_pos[stage]
@@ -92,6 +114,8 @@ class Hourglass(nn.Module):
             centre = (state.current_indices(x) == state.frames // 2).float().argmax(dim=1, keepdim=True)  # [B, 1]
             x = take_frames(x, centre)
             return x, torch.full((b, 1), state.frames // 2, device=x.device, dtype=torch.long)
-        if self.recovery is not None:
+        if self.recovery is not None and self.fixed_stages is not None:
+            x = self.recovery.recover_fixed(x, self.fixed_stages[-1][1], state.frames)
+        elif self.recovery is not None:
             x = self.recovery(x, state.frame_indices, state.frames)
-        return x, torch.arange(state.frames, device=x.device).expand(b, state.frames)
+        return x, frame_positions(state.frames, x.device).expand(b, state.frames)

@@ -73,6 +73,12 @@ class TokenPruner(nn.Module):
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def fixed_positions(self, t: int, n: int) -> list[int] | None:
+        """The positions of the n tokens of t that the strategy keeps whatever the tokens are (without frames that
+        must be kept), or None when they depend on the tokens. Fixed positions let the hourglass hold every stage's
+        kept frames, and the TRM its weights, as constants (h2ot.hourglass)."""
+        return None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -138,9 +144,10 @@ def length_constant(
     name: str, length: int, device: torch.device, build: Callable[[int, torch.device], torch.Tensor]
 ) -> torch.Tensor:
     """The tensor build(length, device), which depends only on a token count: built once per (name, length,
-    device) in eager mode and reused; built afresh while torch.compile or torch.export traces, so that the graph
-    holds it as a constant and no traced (fake) tensor is kept. Callers never modify it in place."""
-    if torch.compiler.is_compiling():
+    device) in eager mode and reused; built afresh while torch.compile or torch.export traces or a FakeTensorMode
+    is active, so that the graph holds it as a constant and no traced (fake) tensor is kept. Callers never modify
+    it in place."""
+    if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return build(length, device)
     key = (name, length, device)
     cached = _LENGTH_CONSTANTS.get(key)
@@ -149,6 +156,16 @@ def length_constant(
         with torch.inference_mode(False), torch.no_grad():
             cached = _LENGTH_CONSTANTS[key] = build(length, device)
     return cached
+
+
+def frame_positions(frames: int, device: torch.device) -> torch.Tensor:
+    """[T] long: 0 .. T-1, built once per length and device."""
+    return length_constant("positions", frames, device, lambda t, d: torch.arange(t, device=d))
+
+
+def index_constant(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """[n] long: the given positions as a tensor, built once per tuple and device."""
+    return length_constant(f"index{values}", len(values), device, lambda _, d: torch.tensor(values, device=d))
 
 
 def _comes_before(t: int, device: torch.device) -> torch.Tensor:
@@ -281,6 +298,9 @@ class UniformPruner(TokenPruner):
             return super()._select(x, n, must_keep, context)
         picks = length_constant(f"uniform_{n}", x.shape[1], x.device, lambda t, device: _even_picks(t, n, device))
         return picks.expand(x.shape[0], n)
+
+    def fixed_positions(self, t: int, n: int) -> list[int]:
+        return _even_picks(t, n, torch.device("cpu")).tolist()
 
     def scores(self, x: torch.Tensor, n: int, context: dict) -> torch.Tensor:
         b, t = x.shape[:2]

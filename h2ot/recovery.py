@@ -16,7 +16,7 @@ from torch import nn
 
 from h2ot.config import ModelConfig
 from h2ot.layers import CrossAttention, from_temporal, temporal_tokens
-from h2ot.pruning import length_constant, take_frames
+from h2ot.pruning import frame_positions, index_constant, length_constant, take_frames
 from h2ot.registry import Registry
 
 TRM_REGISTRY: Registry[type[TokenRecovery]] = Registry("recovering strategy", key="model.trm")
@@ -55,6 +55,11 @@ class TokenRecovery(nn.Module):
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def recover_fixed(self, x_kept: torch.Tensor, kept: tuple[int, ...], frames: int) -> torch.Tensor:
+        """forward for kept original indices that are the same in every clip, constants of the schedule (a TPM
+        that keeps fixed positions; h2ot.hourglass): strategies that can precompute from them override this."""
+        return self(x_kept, index_constant(kept, x_kept.device).expand(x_kept.shape[0], -1), frames)
 
 
 @register_trm("cross_attention")
@@ -103,13 +108,9 @@ def _neighbours(kept_indices: torch.Tensor, frames: int) -> tuple[torch.Tensor, 
     The first kept index >= t sits at the count of kept indices < t (they are sorted): a comparison and a sum,
     which export to ONNX where searchsorted does not."""
     b, n = kept_indices.shape
-    t = length_constant("positions", frames, kept_indices.device, _positions).expand(b, frames)
+    t = frame_positions(frames, kept_indices.device).expand(b, frames)
     right = (kept_indices[:, None, :] < t[:, :, None]).sum(dim=2).clamp(max=n - 1)  # [B, T]
     return t, (right - 1).clamp(min=0), right
-
-
-def _positions(frames: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(frames, device=device)
 
 
 def _frame_column(frames: int, device: torch.device) -> torch.Tensor:
@@ -150,11 +151,23 @@ class LinearRecovery(TokenRecovery):
         return frames * kept * cfg.dim
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
-        b, n, j, c = x_kept.shape
-        weights = interpolation_weights(kept_indices, frames)
-        if weights.dtype != x_kept.dtype:
-            weights = weights.to(x_kept.dtype)
-        return torch.bmm(weights, x_kept.reshape(b, n, j * c)).reshape(b, frames, j, c)
+        return _interpolate(interpolation_weights(kept_indices, frames), x_kept)
+
+    def recover_fixed(self, x_kept: torch.Tensor, kept: tuple[int, ...], frames: int) -> torch.Tensor:
+        """The weights [T, n] of constant kept indices are a constant too: the recovery is one matrix product."""
+        weights = length_constant(
+            f"linear_trm{kept}", frames, x_kept.device,
+            lambda t, device: interpolation_weights(index_constant(kept, device)[None], t)[0],
+        )
+        return _interpolate(weights, x_kept)
+
+
+def _interpolate(weights: torch.Tensor, x_kept: torch.Tensor) -> torch.Tensor:
+    """weights [B, T, n] or [T, n] (the same for every clip) times the kept tokens [B, n, J, C] -> [B, T, J, C]."""
+    b, n, j, c = x_kept.shape
+    if weights.dtype != x_kept.dtype:
+        weights = weights.to(x_kept.dtype)
+    return torch.matmul(weights, x_kept.reshape(b, n, j * c)).reshape(b, -1, j, c)
 
 
 @register_trm("nearest")
@@ -166,7 +179,20 @@ class NearestRecovery(TokenRecovery):
         super().__init__()
 
     def forward(self, x_kept: torch.Tensor, kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
-        t, left, right = _neighbours(kept_indices, frames)
-        to_left = (t - torch.gather(kept_indices, 1, left)).abs()
-        to_right = (torch.gather(kept_indices, 1, right) - t).abs()
-        return take_frames(x_kept, torch.where(to_left <= to_right, left, right))
+        return take_frames(x_kept, _nearest(kept_indices, frames))
+
+    def recover_fixed(self, x_kept: torch.Tensor, kept: tuple[int, ...], frames: int) -> torch.Tensor:
+        """The nearest kept frame of every frame is a constant for constant kept indices: one index_select."""
+        nearest = length_constant(
+            f"nearest_trm{kept}", frames, x_kept.device,
+            lambda t, device: _nearest(index_constant(kept, device)[None], t)[0],
+        )
+        return x_kept.index_select(1, nearest)
+
+
+def _nearest(kept_indices: torch.Tensor, frames: int) -> torch.Tensor:
+    """[B, T]: for every frame, the position among the kept frames of the one nearest in time (the earlier on a tie)."""
+    t, left, right = _neighbours(kept_indices, frames)
+    to_left = (t - torch.gather(kept_indices, 1, left)).abs()
+    to_right = (torch.gather(kept_indices, 1, right) - t).abs()
+    return torch.where(to_left <= to_right, left, right)

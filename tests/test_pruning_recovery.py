@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import PRUNABLE, cfg_of
 
 from h2ot.config import ModelConfig, config_from_dict
 from h2ot.models import build_model
@@ -192,3 +193,46 @@ def test_every_trm_subclasses_the_base_and_states_its_costs() -> None:
         assert cls.linear_macs(cfg, 27, 9) >= 0 and cls.attention_macs(cfg, 27, 9) >= 0, name
     assert TRM_REGISTRY["cross_attention"].linear_macs(cfg, 27, 9) == (27 + 2 * 9 + 27) * 16 * 16
     assert TRM_REGISTRY["linear"].linear_macs(cfg, 27, 9) == 0
+
+
+@pytest.mark.parametrize("backbone", PRUNABLE)
+@pytest.mark.parametrize("trm", sorted(TRM_REGISTRY))
+def test_fixed_position_pruning_computes_what_the_general_path_computes(backbone: str, trm: str) -> None:
+    """With the uniform TPM the kept frames and the TRM's weights are constants of the schedule (one index_select a
+    stage, one product for the linear TRM): the same poses, kept frames and gradients as pruning and recovering
+    from the kept indices of each clip."""
+    torch.manual_seed(0)
+    fixed = build_model(cfg_of(backbone, tpm="uniform", trm=trm, schedule=[[1, 13], [2, 5]]))
+    general = build_model(cfg_of(backbone, tpm="uniform", trm=trm, schedule=[[1, 13], [2, 5]]))
+    general.load_state_dict(fixed.state_dict())
+    assert fixed.hourglass.fixed_stages is not None
+    general.hourglass.fixed_stages = None
+    x = torch.randn(3, 27, 17, fixed.cfg.in_channels)
+    for mode in ("eval", "train"):
+        outs = []
+        for model in (fixed, general):
+            getattr(model, mode)()
+            model.zero_grad()
+            out = model(x)
+            out.pose_3d.square().mean().backward()
+            outs.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (a, grads_a), (b, grads_b) = outs
+        torch.testing.assert_close(a.pose_3d, b.pose_3d, rtol=0, atol=1e-6)
+        assert [k.tolist() for k in a.kept_indices] == [k.tolist() for k in b.kept_indices]
+        assert torch.equal(a.frame_indices, b.frame_indices)
+        assert len(grads_a) == len(grads_b)
+        for ga, gb in zip(grads_a, grads_b):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_uniform_tpm_of_a_seq2seq_model_prunes_by_fixed_positions() -> None:
+    # 13 of 25 frames keeps every second one; 5 of those 13, every third of them: every sixth frame
+    assert build_model(cfg_of("frameformer", frames=25, tpm="uniform")).hourglass.fixed_stages == [
+        (tuple(range(0, 25, 2)), tuple(range(0, 25, 2))),
+        ((0, 3, 6, 9, 12), (0, 6, 12, 18, 24)),
+    ]
+    for name in TPM_REGISTRY:
+        if name != "uniform":
+            assert build_model(cfg_of("frameformer", tpm=name)).hourglass.fixed_stages is None, name
+    seq2frame = cfg_of("frameformer", tpm="uniform", seq2frame=True, schedule=[[1, 13], [2, 5]])
+    assert build_model(seq2frame).hourglass.fixed_stages is None  # the centre frame must be kept

@@ -16,7 +16,7 @@ from torch import nn
 
 from h2ot.config import ModelConfig, config_from_dict
 from h2ot.models import build_model
-from h2ot.pruning import _LENGTH_CONSTANTS, TPM_REGISTRY, top_n_by_rank, top_n_in_time_order
+from h2ot.pruning import _LENGTH_CONSTANTS, TPM_REGISTRY, frame_positions, top_n_by_rank, top_n_in_time_order
 from h2ot.recovery import TRM_REGISTRY, interpolation_weights
 
 # ---- references, from the definitions ----
@@ -196,6 +196,17 @@ def test_training_mode_gradients_reach_the_kept_tokens_as_with_the_reference() -
     for (name, p_fast), p_ref in zip(fast.named_parameters(), reference.parameters()):
         scale = p_ref.grad.abs().max().item()  # float rounding differs: compare against the gradient's size
         assert (p_fast.grad - p_ref.grad).abs().max().item() <= 1e-5 * max(scale, 1.0), name
+
+
+def test_a_fake_tensor_mode_builds_length_constants_afresh_and_caches_no_fake_tensor() -> None:
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    real = frame_positions(23, torch.device("cpu"))
+    with FakeTensorMode():
+        fake = frame_positions(23, torch.device("cpu"))
+        assert isinstance(fake, FakeTensor)
+    assert all(type(v) is torch.Tensor for v in _LENGTH_CONSTANTS.values()), "a fake tensor was cached"
+    assert frame_positions(23, torch.device("cpu")) is real
 
 
 def test_tracing_builds_length_constants_afresh_and_caches_no_traced_tensor() -> None:
