@@ -154,11 +154,11 @@ def test_linear_recovery_matches_the_reference() -> None:
 
 
 @pytest.mark.parametrize("model", [
-    dict(preset="frameformer_small"),
+    dict(preset="frameformer_small", tpm="dpc_knn"),
     dict(preset="mixste_small"),
     dict(preset="mixste_small", seq2frame=True),
     dict(preset="dstformer_small", trm="linear"),
-    dict(preset="frameformer_small", frames=81, schedule=[[1, 40], [2, 26]]),
+    dict(preset="frameformer_small", tpm="dpc_knn", frames=81, schedule=[[1, 40], [2, 26]]),
 ])
 def test_models_keep_the_same_frames_and_poses_as_the_reference(model: dict) -> None:
     cfg = config_from_dict({"kind": "model", "model": model}).model
