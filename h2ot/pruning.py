@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import nn
@@ -137,16 +137,17 @@ def take_frames(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, positions.view(b, -1, 1, 1).expand(-1, -1, j, c))
 
 
-_LENGTH_CONSTANTS: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+_LENGTH_CONSTANTS: dict[tuple[Hashable, int, torch.device], torch.Tensor] = {}
 
 
 def length_constant(
-    name: str, length: int, device: torch.device, build: Callable[[int, torch.device], torch.Tensor]
+    name: Hashable, length: int, device: torch.device, build: Callable[[int, torch.device], torch.Tensor]
 ) -> torch.Tensor:
     """The tensor build(length, device), which depends only on a token count: built once per (name, length,
     device) in eager mode and reused; built afresh while torch.compile or torch.export traces or a FakeTensorMode
     is active, so that the graph holds it as a constant and no traced (fake) tensor is kept. Callers never modify
-    it in place."""
+    it in place. The name may be any hashable (a tuple of ints hashes in a fraction of the time formatting it
+    into a string takes, on every forward)."""
     if torch.compiler.is_compiling() or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
         return build(length, device)
     key = (name, length, device)
@@ -165,7 +166,7 @@ def frame_positions(frames: int, device: torch.device) -> torch.Tensor:
 
 def index_constant(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """[n] long: the given positions as a tensor, built once per tuple and device."""
-    return length_constant(f"index{values}", len(values), device, lambda _, d: torch.tensor(values, device=d))
+    return length_constant(("index", values), len(values), device, lambda _, d: torch.tensor(values, device=d))
 
 
 def _comes_before(t: int, device: torch.device) -> torch.Tensor:
@@ -296,7 +297,7 @@ class UniformPruner(TokenPruner):
     ) -> torch.Tensor:
         if must_keep is not None:
             return super()._select(x, n, must_keep, context)
-        picks = length_constant(f"uniform_{n}", x.shape[1], x.device, lambda t, device: _even_picks(t, n, device))
+        picks = length_constant(("uniform", n), x.shape[1], x.device, lambda t, device: _even_picks(t, n, device))
         return picks.expand(x.shape[0], n)
 
     def fixed_positions(self, t: int, n: int) -> list[int]:

@@ -156,7 +156,7 @@ class LinearRecovery(TokenRecovery):
     def recover_fixed(self, x_kept: torch.Tensor, kept: tuple[int, ...], frames: int) -> torch.Tensor:
         """The weights [T, n] of constant kept indices are a constant too: the recovery is one matrix product."""
         weights = length_constant(
-            f"linear_trm{kept}", frames, x_kept.device,
+            ("linear_trm", kept), frames, x_kept.device,
             lambda t, device: interpolation_weights(index_constant(kept, device)[None], t)[0],
         )
         return _interpolate(weights, x_kept)
@@ -184,7 +184,7 @@ class NearestRecovery(TokenRecovery):
     def recover_fixed(self, x_kept: torch.Tensor, kept: tuple[int, ...], frames: int) -> torch.Tensor:
         """The nearest kept frame of every frame is a constant for constant kept indices: one index_select."""
         nearest = length_constant(
-            f"nearest_trm{kept}", frames, x_kept.device,
+            ("nearest_trm", kept), frames, x_kept.device,
             lambda t, device: _nearest(index_constant(kept, device)[None], t)[0],
         )
         return x_kept.index_select(1, nearest)
